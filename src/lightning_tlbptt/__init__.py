@@ -1,0 +1,30 @@
+"""Temporally-truncated local BPTT (Guo et al., 2023) for SpikingJelly networks, as a Lightning strategy.
+
+>>> from lightning import Trainer
+>>> from lightning_tlbptt import TruncatedLocalBPTT
+>>> trainer = Trainer(strategy=TruncatedLocalBPTT(k=5, n=2))  # doctest: +SKIP
+"""
+
+from lightning_tlbptt.classifiers import LocalClassifier
+from lightning_tlbptt.layout import to_time_major
+from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
+from lightning_tlbptt.memory import SavedTensorsMeter
+from lightning_tlbptt.module import SpikingClassifier
+from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, partition
+from lightning_tlbptt.strategy import TruncatedLocalBPTT
+
+__all__ = [
+    "LocalClassifier",
+    "Partition",
+    "PartitionError",
+    "SavedTensorsMeter",
+    "SpikingClassifier",
+    "TruncatedLocalBPTT",
+    "find_network",
+    "partition",
+    "rate_cross_entropy",
+    "rate_mse",
+    "to_time_major",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,46 @@
+"""Local losses on a chunk of network or classifier output.
+
+Every loss takes the output sequence of one chunk, ``out_seq`` ``[k, B, C]``, and the target: class
+indices ``[B]`` or per-class targets ``[B, C]`` (one-hot or soft), and returns a scalar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["LocalLoss", "rate_cross_entropy", "rate_mse", "resolve_loss"]
+
+LocalLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+def rate_mse(out_seq: Tensor, target: Tensor) -> Tensor:
+    """The paper's Eq. 3: MSE between the target rate (one-hot) and the firing rate over the chunk."""
+    rate = out_seq.mean(0)
+    if target.dim() == 1:
+        target = F.one_hot(target, rate.shape[-1])
+    return F.mse_loss(rate, target.to(rate.dtype))
+
+
+def rate_cross_entropy(out_seq: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy on the chunk-averaged output (the paper's choice for VGG11 and ResNet18)."""
+    return F.cross_entropy(out_seq.mean(0), target)
+
+
+_BY_NAME: dict[str, LocalLoss] = {"mse": rate_mse, "ce": rate_cross_entropy}
+
+
+def resolve_loss(loss: Literal["mse", "ce"] | LocalLoss) -> LocalLoss:
+    """Turn ``"mse"``, ``"ce"`` or a callable ``(out_seq [k, B, C], target) -> scalar`` into a callable."""
+    if callable(loss):
+        return loss
+    try:
+        return _BY_NAME[loss]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"loss must be 'mse' (the paper's Eq. 3), 'ce' or a callable (out_seq [k, B, C], target) -> "
+            f"scalar, got {loss!r}"
+        ) from None

@@ -1,0 +1,85 @@
+"""Measure the memory that training keeps for backward, on any device."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import torch
+from torch import Tensor
+
+__all__ = ["SavedTensorsMeter"]
+
+
+class _Saved:
+    __slots__ = ("key", "meter", "tensor")
+
+    def __init__(self, meter: SavedTensorsMeter, tensor: Tensor) -> None:
+        self.meter = meter
+        self.tensor = tensor
+        self.key = meter._add(tensor)
+
+    def __del__(self) -> None:
+        self.meter._remove(self.key)
+
+
+class SavedTensorsMeter:
+    """Live and peak bytes of activations saved for backward while the context is active.
+
+    This is the part of training memory that BPTT makes grow with ``T`` (the paper's ``MC(CG)``, Eq. 8),
+    measured the same way on CPU and GPU. Saved tensors are counted once per storage (two ops saving
+    the same activation cost its bytes once) and released when autograd frees them, so the peak
+    reflects when graphs are freed, e.g. after each block's backward. Parameters saved by an op
+    (a conv's weight) are not counted: they exist anyway.
+
+    Example::
+
+        with SavedTensorsMeter() as meter:
+            loss = net(x).sum(); loss.backward()
+        meter.peak_bytes
+    """
+
+    def __init__(self) -> None:
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._live: dict[int, list[int]] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, tensor: Tensor) -> Tensor | _Saved:
+        if tensor.requires_grad and tensor.is_leaf:
+            return tensor
+        return _Saved(self, tensor)
+
+    @staticmethod
+    def _unpack(saved: Tensor | _Saved) -> Tensor:
+        return saved.tensor if isinstance(saved, _Saved) else saved
+
+    def _add(self, tensor: Tensor) -> int:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = [storage.nbytes(), 1]
+            self.current_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        else:
+            entry[1] += 1
+        return key
+
+    def _remove(self, key: int) -> None:
+        entry = self._live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current_bytes -= entry[0]
+            del self._live[key]
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.current_bytes
+
+    def __enter__(self) -> SavedTensorsMeter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._hooks.__exit__(exc_type, exc, tb)
