@@ -60,9 +60,7 @@ class SpikingClassifier(pl.LightningModule):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         inferred = partition(net, 1 << 30).num_classes
         if num_classes is not None and num_classes != inferred:
-            raise ValueError(
-                f"num_classes={num_classes} but the network's output layer has {inferred} outputs"
-            )
+            raise ValueError(f"num_classes={num_classes} but the network's output layer has {inferred} outputs")
         self.save_hyperparameters(ignore=["net", "loss"])
         self.net = net
         self.num_classes = inferred

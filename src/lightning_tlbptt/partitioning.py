@@ -17,6 +17,7 @@ block ``i + 1`` runs.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -86,9 +87,7 @@ class Block:
                 for attr in ("out_channels", "out_features", "num_features"):
                     if isinstance(getattr(m, attr, None), int):
                         return getattr(m, attr)
-        raise PartitionError(
-            f"block {self.index} has no weighted layer"
-        )  # unreachable: layers start weighted
+        raise PartitionError(f"block {self.index} has no weighted layer")  # unreachable: layers start weighted
 
 
 @dataclass
@@ -124,9 +123,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
-            isinstance(m, base.StepModule)
-            or id(m) in self.opaque
-            or super().is_leaf_module(m, module_qualified_name)
+            isinstance(m, base.StepModule) or id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
         )
 
 
@@ -256,7 +253,7 @@ def _common_owner(nodes: Sequence[fx.Node]) -> str:
     """Innermost module that recorded all ``nodes``: the smallest unit that hides the break."""
     stacks = [_stack(node) for node in nodes if node.op != "output"]
     owner = ""
-    for names in zip(*stacks):
+    for names in zip(*stacks, strict=False):
         if len(set(names)) != 1:
             break
         owner = names[0]
@@ -320,9 +317,7 @@ def _strip_layout_prefix(chain: list[fx.Node]) -> tuple[list[fx.Node], Literal["
                 break
             swapped = not swapped
         elif node.target == "permute":
-            perm = [
-                _int(a) for a in (node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:])
-            ]
+            perm = [_int(a) for a in (node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:])]
             if perm[:2] != [1, 0] or perm[2:] != list(range(2, len(perm))):
                 break
             swapped = not swapped
@@ -344,7 +339,7 @@ def _group_layers(chain: list[fx.Node], root: nn.Module) -> tuple[list[Layer], l
     # glue before the first weighted unit (e.g. an encoder transform) belongs to the first layer
     bounds = [0, *starts[1:], len(chain)]
     layers, layer_nodes = [], []
-    for index, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         nodes = chain[lo:hi]
         layers.append(
             Layer(

@@ -95,9 +95,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         if classifier not in ("trainable", "random"):
             raise ValueError(f"classifier must be 'trainable' or 'random', got {classifier!r}")
         if batch_layout not in (None, "BT", "TB"):
-            raise ValueError(
-                f"batch_layout must be 'BT' ([B, T, ...]) or 'TB' ([T, B, ...]), got {batch_layout!r}"
-            )
+            raise ValueError(f"batch_layout must be 'BT' ([B, T, ...]) or 'TB' ([T, B, ...]), got {batch_layout!r}")
         if T is not None and (not isinstance(T, int) or isinstance(T, bool) or T < 1):
             raise ValueError(f"T must be a positive int, got {T!r}")
         super().__init__(**kwargs)
@@ -153,10 +151,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         if not hasattr(module, CLASSIFIERS_ATTR):
             module.add_module(CLASSIFIERS_ATTR, self._make_classifiers())
         if trainer.gradient_clip_val:
-            if (
-                isinstance(trainer.precision_plugin, MixedPrecision)
-                and trainer.precision_plugin.scaler is not None
-            ):
+            if isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision_plugin.scaler is not None:
                 raise MisconfigurationException(
                     "Gradient clipping with precision='16-mixed' is not supported by TruncatedLocalBPTT (the "
                     "grad scaler unscales inside the optimizer step). Use precision='bf16-mixed' or '32-true', "
@@ -226,9 +221,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             n_chunks += 1
             self._reduce_gradients(module)
             if self._clip is not None:
-                module.clip_gradients(
-                    optimizer, gradient_clip_val=self._clip[0], gradient_clip_algorithm=self._clip[1]
-                )
+                module.clip_gradients(optimizer, gradient_clip_val=self._clip[0], gradient_clip_algorithm=self._clip[1])
             optimizer.step()
             optimizer.zero_grad()
             self._step_interval_schedulers(module)
