@@ -145,6 +145,10 @@ class TruncatedLocalBPTT(DDPStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             super().setup(trainer)
             return
+        if self.world_size == 1:
+            # Lightning injects a shuffling DistributedSampler for any DDP strategy; on one device the
+            # user's own DataLoader (and its order) must be used as with a single-device strategy.
+            trainer._accelerator_connector.use_distributed_sampler = False
         name, self._net = find_network(module, self.network)
         self.partition = partition(self._net, self.n)
         self._check_module_agrees(module)
@@ -343,6 +347,10 @@ class TruncatedLocalBPTT(DDPStrategy):
         # input width is known only now) and reports a shape that does not fit, naming the block.
         classifiers = getattr(self.lightning_module, CLASSIFIERS_ATTR)
         h = x[:1, :1]
+        # eval mode: batch norm must neither fail on one value per channel nor update its running stats
+        modes = [(m, m.training) for m in (*self._net.modules(), *classifiers.modules())]
+        self._net.eval()
+        classifiers.eval()
         with torch.no_grad():
             for block in self.partition.blocks:
                 try:
@@ -355,6 +363,8 @@ class TruncatedLocalBPTT(DDPStrategy):
                         f"(one step of one sample): {err}"
                     ) from err
                 h = out
+        for m, training in modes:
+            m.train(training)
         functional.reset_net(self._net)
         functional.reset_net(classifiers)
         self._checked_first_batch = True
