@@ -72,7 +72,9 @@ class LocalClassifier(nn.Module):
         if spatial and any(s > self.pool for s in spatial):
             x = _ADAPTIVE_POOL[len(spatial)](x, self.pool)
         x = x.flatten(1)
-        if isinstance(self.linear, LazyModuleMixin):
+        # a lazy layer loaded from a checkpoint holds its weights already and only turns into nn.Linear
+        # at its first forward
+        if isinstance(self.linear, LazyModuleMixin) and self.linear.has_uninitialized_params():
             # materialising draws from the global RNG; those numbers are replaced by the seeded ones, so
             # keep the user's RNG stream (dropout masks, shuffling) as if nothing happened
             with torch.no_grad(), torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
