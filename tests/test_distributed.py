@@ -1,0 +1,37 @@
+"""Real DDP: 2 processes over gloo on CPU, launched by Lightning itself."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+def _run(out: Path, mode: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, str(HERE / "ddp_run.py"), str(out), mode], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path):
+    _run(tmp_path, "ddp")
+    _run(tmp_path, "single")
+    rank0 = torch.load(tmp_path / "ddp_rank0.pt")
+    rank1 = torch.load(tmp_path / "ddp_rank1.pt")
+    single = torch.load(tmp_path / "single_rank0.pt")
+    assert len(rank0) == len(rank1) == len(single) == 4  # 2 batches x 2 chunks
+    for step, (a, b, ref) in enumerate(zip(rank0, rank1, single, strict=True)):
+        assert a.keys() == b.keys() == ref.keys()
+        assert any("local_classifiers" in name for name in a)
+        for name in a:
+            assert torch.equal(a[name], b[name]), f"ranks disagree on {name} at step {step}"
+            torch.testing.assert_close(a[name], ref[name], atol=1e-6, rtol=1e-5, msg=f"{name} at step {step}")
