@@ -12,10 +12,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from snn_fixtures import GradRecorder, conv_net
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT
+
+from snn_fixtures import GradRecorder, conv_net
 
 PER_RANK_BATCH = 4
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snn_fixtures import conv_net, event_batches
 
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier
+
+from snn_fixtures import conv_net, event_batches
 
 
 def test_spiking_classifier_trains_with_plain_bptt(make_trainer):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from snn_fixtures import conv_net, lif
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from spikingjelly.activation_based.examples.memopt.models import CIFAR10DVSVGG
 from spikingjelly.activation_based.model import sew_resnet, spiking_resnet, spiking_vgg
 from torch import nn
 
 from lightning_tlbptt import PartitionError, find_network, partition
+
+from snn_fixtures import conv_net, lif
 
 
 def _zoo(factory, **kwargs) -> nn.Module:
@@ -108,7 +109,7 @@ def test_errors_name_the_problem():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.stack([self.sn2(self.fc(self.sn1(self.conv(x[t])).flatten(1))) for t in range(x.shape[0])])
 
-    with pytest.raises(PartitionError, match="could not trace Loops.forward"):
+    with pytest.raises(PartitionError, match=r"could not trace Loops\.forward"):
         partition(Loops(), 1)
 
     class Tied(nn.Module):

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from snn_fixtures import GradRecorder, conv_net, event_batches, lif
 from spikingjelly.activation_based import functional, layer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tlbptt import PartitionError, SpikingClassifier, TruncatedLocalBPTT
+
+from snn_fixtures import GradRecorder, conv_net, event_batches, lif
 
 
 class TransposingNet(nn.Module):
@@ -249,7 +250,7 @@ def test_settings_manual_optimisation_cannot_honour_are_refused(make_trainer):
         def configure_optimizers(self) -> Any:
             return [torch.optim.SGD(self.net[:3].parameters(), lr=0.1), torch.optim.SGD(self.net[3:].parameters())]
 
-    with pytest.raises(MisconfigurationException, match="returned 2. Return a single optimizer"):
+    with pytest.raises(MisconfigurationException, match=r"returned 2\. Return a single optimizer"):
         make_trainer(strategy=TruncatedLocalBPTT(k=2)).fit(TwoOptimizers(), event_batches())
 
 

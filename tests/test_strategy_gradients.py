@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tlbptt import LocalClassifier, SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
+
 from snn_fixtures import GradRecorder, conv_net, event_batches
 
 
