@@ -182,3 +182,35 @@ def test_truncation_and_local_blocks_shrink_saved_activation_memory(make_trainer
     quarter_local = _peak_saved_bytes(make_trainer, k=4, n=1)
     assert quarter <= 0.3 * full, (quarter, full)
     assert quarter_local < quarter, (quarter_local, quarter)
+
+
+class SingleStepModule(SpikingClassifier):
+    """A module whose network runs one time step per call (``step_mode='s'``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        functional.reset_net(self.net)
+        return functional.multi_step_forward(x.transpose(0, 1), self.net)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_single_step_networks_and_precision_plugins(make_trainer, precision):
+    loader = event_batches(n=8, T=4, batch_size=8)
+    reference = conv_net()
+    functional.set_step_mode(reference, "s")
+    net = conv_net()
+    functional.set_step_mode(net, "s")
+    recorder = GradRecorder()
+    trainer = make_trainer(
+        strategy=TruncatedLocalBPTT(k=4, n=99), max_steps=1, callbacks=[recorder], precision=precision
+    )
+    trainer.fit(SingleStepModule(net, lr_step_epochs=0), loader)
+
+    x, y = next(iter(loader))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        out = functional.multi_step_forward(x.transpose(0, 1), reference)
+        loss = F.mse_loss(out.float().mean(0), F.one_hot(y, 4).float())
+    loss.backward()
+    _assert_all_nonzero(recorder.steps[0])
+    tol = 1e-6 if precision == "32-true" else 1e-2
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(recorder.steps[0][f"net.{name}"], p.grad, atol=tol, rtol=tol)
