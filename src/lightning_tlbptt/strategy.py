@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -417,7 +418,11 @@ class TruncatedLocalBPTT(DDPStrategy):
     @staticmethod
     def _step_scheduler(config: LRSchedulerConfig, module: pl.LightningModule) -> None:
         if not config.reduce_on_plateau:
-            config.scheduler.step()
+            with warnings.catch_warnings():
+                # a resumed run steps its epoch schedulers before the restored optimizer's first step; torch
+                # warns about that order although the optimizer did step before the checkpoint was taken
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                config.scheduler.step()
             return
         value = module.trainer.callback_metrics.get(config.monitor) if config.monitor else None
         if value is None:
