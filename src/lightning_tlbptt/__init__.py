@@ -9,17 +9,21 @@ from lightning_tlbptt.classifiers import LocalClassifier
 from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
+from lightning_tlbptt.models import MODELS, PaperNeuron, build_model
 from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, partition
 from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
 __all__ = [
+    "MODELS",
     "LocalClassifier",
+    "PaperNeuron",
     "Partition",
     "PartitionError",
     "SavedTensorsMeter",
     "SpikingClassifier",
     "TruncatedLocalBPTT",
+    "build_model",
     "find_network",
     "partition",
     "rate_cross_entropy",

@@ -355,10 +355,10 @@ def vgg11(
     dropout: float = 0.0,
     spiking_pool: bool = True,
 ) -> nn.Sequential:
-    """Spiking VGG11 with batch norm, ``32C3-32AP2-64C3-64AP2-128C3x2-128AP2-256C3x2-256AP2-512C3x2-512AP2-1024FC-1024FC-{n}FC``.
+    """Spiking VGG11 with batch norm (N-Caltech101 in the paper).
 
-    N-Caltech101 in the paper. Output ``[T, B, num_classes]`` logits: the output FC has no neuron
-    (cross-entropy, section 3.1).
+    ``32C3-32AP2-64C3-64AP2-128C3x2-128AP2-256C3x2-256AP2-512C3x2-512AP2-1024FC-1024FC-{n}FC``.
+    Output ``[T, B, num_classes]`` logits: the output FC has no neuron (cross-entropy, section 3.1).
     """
     return _build(
         "vgg11",

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ClassificationDataModule", "require_files", "stratified_split"]
+__all__ = ["ClassificationDataModule", "require_files", "resize_to", "stratified_split"]
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -54,6 +54,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     @property
     def input_size(self) -> tuple[int, int]:
+        """``(H, W)`` of ``x``; each subclass knows its own."""
         raise NotImplementedError
 
     def _root(self) -> Path:
@@ -80,6 +81,14 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+def resize_to(size: int | tuple[int, int] | None, native: tuple[int, int]) -> tuple[int, int] | None:
+    """``(H, W)`` to resize to, or ``None`` when ``size`` is unset or the native size (no work)."""
+    if size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return None if size == native else size
 
 
 def stratified_split(

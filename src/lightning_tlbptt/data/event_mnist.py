@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tonic.io import events_struct
@@ -30,6 +32,7 @@ __all__ = ["EventMNIST", "EventMNISTDataModule", "SaccadeSimulator"]
 # Sensor displacement (dx, dy) in pixels at the corners of the saccade triangle; the path returns
 # to its start. Three directions, so edges of every orientation move across pixels.
 _TRIANGLE = np.array([(0.0, 0.0), (6.0, 3.0), (0.0, 6.0), (0.0, 0.0)])
+_SWEEP = int(np.ceil(_TRIANGLE.max()))
 # Images simulated at once: bounds memory to ~_CHUNK * S * H * W bytes. A constant, because the
 # random draws are made per chunk and must not depend on a caller's choice.
 _CHUNK = 256
@@ -57,10 +60,6 @@ class SaccadeSimulator:
     eps: float = 0.1
     seed: int = 0
 
-    @property
-    def duration_us(self) -> int:
-        return 3 * self.saccade_us
-
     def key(self) -> str:
         """Short digest of the settings, naming cache files."""
         return hashlib.sha1(repr(sorted(asdict(self).items())).encode()).hexdigest()[:12]
@@ -68,7 +67,7 @@ class SaccadeSimulator:
     def _path(self) -> np.ndarray:
         """Displacement ``[S+1, 2]`` at the start of the recording and after each step."""
         frac = np.linspace(0.0, 1.0, self.steps_per_saccade + 1)[1:, None]
-        legs = [a + frac * (b - a) for a, b in zip(_TRIANGLE[:-1], _TRIANGLE[1:], strict=True)]
+        legs = [a + frac * (b - a) for a, b in pairwise(_TRIANGLE)]
         return np.concatenate([_TRIANGLE[:1], *legs])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +83,7 @@ class SaccadeSimulator:
         """
         n, h, w = images.shape
         width, height = self.sensor_size
-        margin = int(np.ceil(_TRIANGLE.max())) + 1
-        if h + margin - 1 > height or w + margin - 1 > width:
+        if h + _SWEEP > height or w + _SWEEP > width:
             raise ValueError(f"images of {h}x{w} do not fit the saccades in a {width}x{height} sensor")
         rng = np.random.default_rng(self.seed)
         pieces: list[np.ndarray] = []
@@ -100,7 +98,8 @@ class SaccadeSimulator:
     def _simulate(self, images: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         b, h, w = images.shape
         width, height = self.sensor_size
-        pad = int(np.ceil(_TRIANGLE.max())) + 1
+        # Bilinear interpolation reads one pixel beyond the sweep.
+        pad = _SWEEP + 1
         # Image at sensor offset (pad, pad) of a zero canvas: shifting by d reads canvas[p + pad - d].
         canvas = np.zeros((b, height + 2 * pad, width + 2 * pad), dtype=np.float32)
         canvas[:, pad : pad + h, pad : pad + w] = images
@@ -155,7 +154,7 @@ class EventMNIST(Dataset):
 
     dtype = events_struct
     ordering = "".join(events_struct.names)
-    classes = [str(d) for d in range(10)]
+    classes: ClassVar[list[str]] = [str(d) for d in range(10)]
 
     def __init__(
         self,

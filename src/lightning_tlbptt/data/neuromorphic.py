@@ -22,7 +22,7 @@ import tonic.datasets
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 
-from lightning_tlbptt.data.base import ClassificationDataModule, require_files, stratified_split
+from lightning_tlbptt.data.base import ClassificationDataModule, require_files, resize_to, stratified_split
 from lightning_tlbptt.data.framing import EventFrames
 
 __all__ = [
@@ -87,8 +87,6 @@ class EventDataModule(ClassificationDataModule):
 
     in_channels = 2
     sensor_size: tuple[int, int, int]
-    # Microseconds per unit of the recordings' timestamps.
-    time_unit_us: float = 1.0
 
     def __init__(
         self,
@@ -106,7 +104,7 @@ class EventDataModule(ClassificationDataModule):
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, download=download, seed=seed)
         self.n_steps = n_steps
         self.dt_ms = dt_ms
-        self.resize = (input_size, input_size) if isinstance(input_size, int) else input_size
+        self.resize = resize_to(input_size, native=(self.sensor_size[1], self.sensor_size[0]))
         self.val_size = val_size
 
     @property
@@ -117,7 +115,7 @@ class EventDataModule(ClassificationDataModule):
         """The transform from one recording to ``[T, 2, H, W]`` frames."""
         return EventFrames(
             sensor_size=self.sensor_size,
-            time_window=self.dt_ms * 1000.0 / self.time_unit_us,
+            time_window=self.dt_ms * 1000.0,  # tonic's timestamps are microseconds
             n_steps=self.n_steps,
             target_size=self.resize,
         )

@@ -8,6 +8,7 @@ the training strategy repeats ``x`` over T.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,15 +17,9 @@ from torch.utils.data import TensorDataset
 from torchvision.datasets import CIFAR10, EMNIST
 from torchvision.transforms import v2
 
-from lightning_tlbptt.data.base import ClassificationDataModule, require_files, stratified_split
+from lightning_tlbptt.data.base import ClassificationDataModule, require_files, resize_to, stratified_split
 
 __all__ = ["CIFAR10DataModule", "EMNISTDataModule", "MNIST5kDataModule", "load_mnist5k"]
-
-
-def _to_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
-    if size is None or isinstance(size, tuple):
-        return size
-    return (size, size)
 
 
 def _image_transform(input_size: tuple[int, int] | None) -> v2.Compose:
@@ -78,7 +73,7 @@ class MNIST5kDataModule(ClassificationDataModule):
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.val_size = val_size
-        self.resize = _to_size(input_size)
+        self.resize = resize_to(input_size, native=(28, 28))
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -128,7 +123,7 @@ class EMNISTDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, download=download)
         self.save_hyperparameters()
-        self.resize = _to_size(input_size)
+        self.resize = resize_to(input_size, native=(28, 28))
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -168,9 +163,9 @@ class _PresentCIFAR10(CIFAR10):
     ``setup``. With ``download=True`` the data module uses torchvision's class, which verifies.
     """
 
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    train_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list: ClassVar[list[list[str | None]]] = [[name, None] for name, _ in CIFAR10.test_list]
+    meta: ClassVar[dict[str, str | None]] = {**CIFAR10.meta, "md5": None}
 
 
 class CIFAR10DataModule(ClassificationDataModule):
@@ -203,7 +198,7 @@ class CIFAR10DataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, download=download)
         self.save_hyperparameters()
-        self.resize = _to_size(input_size)
+        self.resize = resize_to(input_size, native=(32, 32))
 
     @property
     def input_size(self) -> tuple[int, int]:
