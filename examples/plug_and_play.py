@@ -24,7 +24,14 @@ from lightning_tlbptt.data import EventMNISTDataModule
 class EventNet(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        lif = dict(tau=2.0, decay_input=False, v_reset=None, surrogate_function=surrogate.ATan(), step_mode="m")
+        lif = dict(
+            tau=2.0,
+            decay_input=False,
+            v_reset=None,
+            v_threshold=0.5,
+            surrogate_function=surrogate.ATan(),
+            step_mode="m",
+        )
         # 2 x 34 x 34 event frames (N-MNIST-sized sensor) -> 16 x 15 x 15 -> 32 x 6 x 6
         self.features = nn.Sequential(
             layer.Conv2d(2, 16, 5),
