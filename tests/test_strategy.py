@@ -263,3 +263,13 @@ def test_non_finite_loss_names_block_and_chunk(make_trainer):
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* in block 0 at chunk 0"):
         make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1, loss=explode)).fit(module, event_batches())
     assert all(torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True))
+
+
+def test_a_module_can_be_fitted_again(make_trainer):
+    module = SpikingClassifier(conv_net(), lr_step_epochs=0)
+    loader = event_batches(n=8, T=4, batch_size=8)
+    make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1), max_epochs=1).fit(module, loader)
+    classifiers = module.local_classifiers
+    trainer = make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1), max_epochs=1)
+    trainer.fit(module, loader)
+    assert module.local_classifiers is classifiers and trainer.global_step == 2

@@ -18,7 +18,7 @@ block ``i + 1`` runs.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -127,10 +127,11 @@ class _Tracer(fx.Tracer):
         )
 
 
-def find_network(container: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+def find_network(container: nn.Module, name: str | None = None, exclude: Collection[str] = ()) -> tuple[str, nn.Module]:
     """Find the spiking network inside a LightningModule (or any module).
 
-    The network is the one direct child that holds SpikingJelly neurons, or the child called ``name``.
+    The network is the one direct child that holds SpikingJelly neurons (children named in ``exclude``
+    aside), or the child called ``name``.
     """
     if name is not None:
         try:
@@ -142,7 +143,7 @@ def find_network(container: nn.Module, name: str | None = None) -> tuple[str, nn
                 "Pass `network=` the attribute name of your SpikingJelly network."
             ) from None
         return name, net
-    spiking = [(n, m) for n, m in container.named_children() if _has_neuron(m)]
+    spiking = [(n, m) for n, m in container.named_children() if n not in exclude and _has_neuron(m)]
     if len(spiking) == 1:
         return spiking[0]
     if not spiking:

@@ -28,6 +28,10 @@ __all__ = ["TruncatedLocalBPTT"]
 
 _CONV_INPUT_DIMS = ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5))
 
+_MANUAL_BY_US = "_tlbptt_manual_optimization"
+# Marks a module switched to manual optimisation by this strategy, so that it can be fitted with it again. The
+# flag is not switched back after fit: `trainer.global_step` reads the manual loop's counter only while it is set.
+
 CLASSIFIERS_ATTR = "local_classifiers"
 """Name under which the local classifiers are added to the LightningModule (and its checkpoints)."""
 
@@ -133,7 +137,7 @@ class TruncatedLocalBPTT(DDPStrategy):
                 f"`Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` cannot be honoured. Remove "
                 "it; to see more samples per step use a larger batch (or a larger k)."
             )
-        if not model.automatic_optimization:
+        if not model.automatic_optimization and not getattr(model, _MANUAL_BY_US, False):
             raise MisconfigurationException(
                 f"{type(model).__name__} sets `automatic_optimization = False`: TruncatedLocalBPTT owns the "
                 "training step and its optimizer steps. Remove that line; your training_step is not used."
@@ -150,7 +154,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             # Lightning injects a shuffling DistributedSampler for any DDP strategy; on one device the
             # user's own DataLoader (and its order) must be used as with a single-device strategy.
             trainer._accelerator_connector.use_distributed_sampler = False
-        name, self._net = find_network(module, self.network)
+        name, self._net = find_network(module, self.network, exclude=(CLASSIFIERS_ATTR,))
         self.partition = partition(self._net, self.n)
         self._check_module_agrees(module)
         if not hasattr(module, CLASSIFIERS_ATTR):
@@ -166,6 +170,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         # Manual optimisation from here on: Lightning then runs no backward or step of its own. Setting the
         # flag after the configuration validator ran lets gradient clipping through; we honour it below.
         module.automatic_optimization = False
+        setattr(module, _MANUAL_BY_US, True)
         super().setup(trainer)
         self._check_optimizers(module)
         blocks = self.partition.blocks
