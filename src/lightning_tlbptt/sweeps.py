@@ -1,0 +1,287 @@
+"""Design-space sweeps over (k, n, classifier) without a W&B server, and the paper's figures from them.
+
+A sweep template is a W&B sweep configuration (the same YAML ``wandb sweep`` takes). :func:`run_sweep`
+asks W&B's own sweep engine (the ``sweeps`` package that ``wandb[sweeps]`` installs) for the next trial
+(grid, random or bayes), runs it in this process, and records it in ``<out_dir>/sweep.json`` after every
+trial, so a killed sweep resumes where it stopped: finished and failed trials are kept, an interrupted one
+is run again. A failing trial is recorded as failed (with its traceback in its folder) and the sweep goes
+on. :func:`report` turns a sweep folder into a results table and the paper's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = ["Trial", "TrialFn", "load_template", "recommend", "report", "run_sweep"]
+
+TrialFn = Callable[[dict[str, Any], Path], dict[str, float]]
+"""``(parameters, trial_dir) -> summary metrics``; raises to mark the trial failed."""
+
+STATE_FILE = "sweep.json"
+
+
+@dataclass
+class Trial:
+    """One run of the sweep: its parameters, its state and its summary metrics."""
+
+    name: str
+    parameters: dict[str, Any]
+    state: Literal["running", "finished", "failed"] = "running"
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def load_template(template: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a W&B sweep template and validate it against W&B's own sweep-config schema."""
+    from sweeps import schema_violations_from_proposed_config
+
+    config = dict(template) if isinstance(template, Mapping) else yaml.safe_load(Path(template).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"sweep template {template} must be a YAML mapping (a W&B sweep config)")
+    # `run_cap` is a key of W&B's server-side sweep config that the engine's own schema does not list
+    violations = schema_violations_from_proposed_config({k: v for k, v in config.items() if k != "run_cap"})
+    if violations:
+        raise ValueError(f"sweep template {template} is not a valid W&B sweep config: " + "; ".join(violations))
+    return config
+
+
+def _load_state(out_dir: Path) -> list[Trial]:
+    path = out_dir / STATE_FILE
+    if not path.is_file():
+        return []
+    return [Trial(**t) for t in json.loads(path.read_text())["trials"]]
+
+
+def _save_state(out_dir: Path, config: Mapping[str, Any], trials: Sequence[Trial]) -> None:
+    path = out_dir / STATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"template": config, "trials": [asdict(t) for t in trials]}, indent=1, default=str))
+    os.replace(tmp, path)  # atomic: a sweep killed while saving keeps its previous state
+
+
+def _as_sweep_run(trial: Trial) -> Any:
+    from sweeps import RunState, SweepRun
+
+    return SweepRun(
+        name=trial.name,
+        config={key: {"value": value} for key, value in trial.parameters.items()},
+        state=RunState.finished if trial.state == "finished" else RunState.failed,
+        summary_metrics=trial.metrics,
+        history=[trial.metrics] if trial.metrics else [],
+    )
+
+
+def run_sweep(
+    template: str | Path | Mapping[str, Any],
+    out_dir: str | Path,
+    trial_fn: TrialFn,
+    *,
+    max_trials: int | None = None,
+) -> list[Trial]:
+    """Run (or resume) the sweep of ``template`` in ``out_dir``.
+
+    Args:
+        template: a W&B sweep config (path or mapping).
+        out_dir: where ``sweep.json`` and one folder per trial live.
+        trial_fn: runs one trial.
+        max_trials: stop after this many new trials; the template's ``run_cap`` bounds the whole sweep
+            (random and bayes searches need one of the two to end).
+
+    Returns:
+        All trials of the sweep, earlier ones included.
+    """
+    from sweeps import next_run
+
+    config = load_template(template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # an interrupted trial has no result: drop it so that the engine proposes it again
+    trials = [t for t in _load_state(out) if t.state != "running"]
+    cap = config.get("run_cap")
+    if config["method"] != "grid" and cap is None and max_trials is None:
+        raise ValueError(
+            f"a {config['method']} sweep never runs out of trials: set run_cap in the template or pass max_trials"
+        )
+    engine_config = {key: value for key, value in config.items() if key != "run_cap"}
+    started = 0
+    while (max_trials is None or started < max_trials) and (cap is None or len(trials) < cap):
+        proposal = next_run(engine_config, [_as_sweep_run(t) for t in trials], validate=True)
+        if proposal is None:
+            break
+        trial = Trial(name=f"trial-{len(trials):03d}", parameters={k: v["value"] for k, v in proposal.config.items()})
+        trials.append(trial)
+        _save_state(out, config, trials)
+        trial_dir = out / trial.name
+        trial_dir.mkdir(exist_ok=True)
+        try:
+            trial.metrics = {k: float(v) for k, v in trial_fn(dict(trial.parameters), trial_dir).items()}
+            trial.state = "finished"
+        except Exception as err:  # a failing trial is recorded, the sweep goes on
+            trial.state = "failed"
+            trial.error = f"{type(err).__name__}: {err}"
+            (trial_dir / "error.txt").write_text(traceback.format_exc())
+        _save_state(out, config, trials)
+        started += 1
+    return trials
+
+
+# --------------------------------------------------------------------------------------------- report
+
+_COLUMNS = (
+    ("k", "k"),
+    ("n", "n"),
+    ("classifier", "classifier"),
+    ("val_acc", "accuracy"),
+    ("peak_memory_mib", "peak memory (MiB)"),
+    ("ratio/memory", "memory / BPTT"),
+    ("ratio/memory_access", "memory access / BPTT"),
+    ("ratio/additions", "additions / BPTT"),
+    ("ratio/macs", "MACs / BPTT"),
+    ("fom", "FoM (Eq. 18)"),
+)
+
+
+def _rows(trials: Sequence[Trial]) -> list[dict[str, Any]]:
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial": t.name, "state": t.state, **t.parameters, **t.metrics}
+        if "peak_memory_bytes" in t.metrics:
+            row["peak_memory_mib"] = t.metrics["peak_memory_bytes"] / 2**20
+        rows.append(row)
+    return rows
+
+
+def recommend(trials: Sequence[Trial], *, memory_budget_mib: float | None = None) -> tuple[Trial, str] | None:
+    """The trial to pick: lowest figure of merit, or the most accurate one within a memory budget."""
+    done = [t for t in trials if t.state == "finished"]
+    if memory_budget_mib is not None:
+        fits = [t for t in done if t.metrics.get("peak_memory_bytes", math.inf) / 2**20 <= memory_budget_mib]
+        if not fits:
+            return None
+        best = max(fits, key=lambda t: t.metrics.get("val_acc", -math.inf))
+        return best, f"most accurate within {memory_budget_mib:g} MiB of peak memory"
+    scored = [t for t in done if math.isfinite(t.metrics.get("fom", math.nan))]
+    if not scored:
+        return None
+    return min(scored, key=lambda t: t.metrics["fom"]), "lowest figure of merit (Eq. 18)"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def report(sweep_dir: str | Path, *, memory_budget_mib: float | None = None) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.md`` and the paper's figures (PNG) into ``sweep_dir``.
+
+    Figures: accuracy against k per block size (the paper's Figs. 3-5), measured peak memory against k
+    (Figs. 6-7), memory access, additions and MACs against k (Figs. 9-13), and the figure of merit's best k
+    per block size (Fig. 14). One panel per classifier kind where the sweep has both.
+
+    Returns:
+        The paths written, by name.
+    """
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(sweep_dir)
+    trials = _load_state(folder)
+    if not trials:
+        raise FileNotFoundError(f"{folder / STATE_FILE} not found or empty: run `tlbptt sweep` into {folder} first")
+    rows = _rows(trials)
+    written: dict[str, Path] = {}
+
+    keys = ["trial", "state", *dict.fromkeys(k for row in rows for k in row if k not in ("trial", "state"))]
+    with (folder / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    written["csv"] = folder / "results.csv"
+
+    shown = [(key, title) for key, title in _COLUMNS if any(key in row for row in rows)]
+    lines = ["| trial | state | " + " | ".join(title for _, title in shown) + " |"]
+    lines.append("|" + "---|" * (len(shown) + 2))
+    for row in rows:
+        lines.append(f"| {row['trial']} | {row['state']} | " + " | ".join(_fmt(row.get(k)) for k, _ in shown) + " |")
+    pick = recommend(trials, memory_budget_mib=memory_budget_mib)
+    if pick is None:
+        lines.append("\nNo finished trial meets the criterion" + (" (memory budget)." if memory_budget_mib else "."))
+    else:
+        trial, why = pick
+        params = ", ".join(f"{k}={trial.parameters[k]}" for k in ("k", "n", "classifier") if k in trial.parameters)
+        lines.append(f"\nRecommended: **{params}** ({trial.name}): {why}.")
+    (folder / "results.md").write_text("\n".join(lines) + "\n")
+    written["markdown"] = folder / "results.md"
+
+    finished = [r for r in rows if r["state"] == "finished" and "k" in r and "n" in r]
+    kinds = sorted({str(r.get("classifier", "trainable")) for r in finished}) or ["trainable"]
+
+    def by_n(kind: str, metric: str) -> dict[Any, list[tuple[float, float]]]:
+        series: dict[Any, list[tuple[float, float]]] = {}
+        for r in finished:
+            if str(r.get("classifier", "trainable")) == kind and metric in r:
+                series.setdefault(r["n"], []).append((r["k"], r[metric]))
+        return {n: sorted(points) for n, points in sorted(series.items())}
+
+    def line_figure(name: str, panels: Sequence[tuple[str, str]]) -> None:
+        if not any(by_n(kind, metric) for kind in kinds for metric, _ in panels):
+            return
+        fig, axes = plt.subplots(len(kinds), len(panels), figsize=(4.5 * len(panels), 3.5 * len(kinds)), squeeze=False)
+        for i, kind in enumerate(kinds):
+            for j, (metric, label) in enumerate(panels):
+                ax = axes[i][j]
+                for n, points in by_n(kind, metric).items():
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"n={n}")
+                ax.set_xscale("log")
+                ks = sorted({p[0] for points in by_n(kind, metric).values() for p in points})
+                ax.set_xticks(ks, [str(k) for k in ks])
+                ax.minorticks_off()
+                ax.set_xlabel("truncation interval k")
+                ax.set_ylabel(label)
+                ax.set_title(f"{label} ({kind} classifiers)")
+                ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+        written[name] = folder / f"{name}.png"
+
+    line_figure("accuracy_vs_k", [("val_acc", "validation accuracy")])
+    line_figure("memory_vs_k", [("peak_memory_mib", "peak memory (MiB)")])
+    line_figure(
+        "costs_vs_k",
+        [("memory_access", "memory accesses"), ("additions", "additions"), ("macs", "MACs")],
+    )
+
+    best: dict[tuple[str, Any], dict[str, Any]] = {}
+    for r in finished:
+        if math.isfinite(r.get("fom", math.nan)):
+            key = (str(r.get("classifier", "trainable")), r["n"])
+            if key not in best or r["fom"] < best[key]["fom"]:
+                best[key] = r
+    if best:
+        fig, ax = plt.subplots(figsize=(1.2 * len(best) + 3, 3.5))
+        labels = [f"n={n}\n{kind}" for kind, n in best]
+        bars = ax.bar(labels, [r["fom"] for r in best.values()])
+        for bar, r in zip(bars, best.values(), strict=True):
+            ax.annotate(f"k={r['k']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        ax.set_ylabel("figure of merit (lower is better)")
+        ax.set_title("best k per block size (Eq. 18)")
+        fig.tight_layout()
+        fig.savefig(folder / "fom.png", dpi=100)
+        plt.close(fig)
+        written["fom"] = folder / "fom.png"
+    return written
