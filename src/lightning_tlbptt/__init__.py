@@ -5,7 +5,9 @@
 >>> trainer = Trainer(strategy=TruncatedLocalBPTT(k=5, n=2))  # doctest: +SKIP
 """
 
+from lightning_tlbptt.callbacks import CostMonitor, MemoryMonitor, OpCounterMonitor, SpikeDensityMonitor
 from lightning_tlbptt.classifiers import LocalClassifier
+from lightning_tlbptt.costs import CostEstimate, CostRatios, estimate, figure_of_merit
 from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
@@ -16,14 +18,22 @@ from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
 __all__ = [
     "MODELS",
+    "CostEstimate",
+    "CostMonitor",
+    "CostRatios",
     "LocalClassifier",
+    "MemoryMonitor",
+    "OpCounterMonitor",
     "PaperNeuron",
     "Partition",
     "PartitionError",
     "SavedTensorsMeter",
+    "SpikeDensityMonitor",
     "SpikingClassifier",
     "TruncatedLocalBPTT",
     "build_model",
+    "estimate",
+    "figure_of_merit",
     "find_network",
     "partition",
     "rate_cross_entropy",

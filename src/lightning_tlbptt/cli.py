@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 __all__ = ["main"]
 
@@ -53,7 +54,34 @@ def demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": demo}
+def _costs(argv: list[str]) -> int:
+    from lightning_tlbptt.costs import costs_main
+
+    return costs_main(argv)
+
+
+def _lightning_cli(subcommand: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from lightning_tlbptt.paper import fit_main
+
+        return fit_main([subcommand, *argv])
+
+    return run
+
+
+def _train(argv: list[str]) -> int:
+    from lightning_tlbptt.paper import train_command
+
+    return train_command(argv)
+
+
+# Imports happen inside the commands: `tlbptt costs --help` should not wait for Lightning and torchvision.
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": demo,
+    "costs": _costs,
+    "train": _train,
+    **{name: _lightning_cli(name) for name in ("fit", "validate", "test", "predict")},
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LocalLoss", "rate_cross_entropy", "rate_mse", "resolve_loss"]
+__all__ = ["LocalLoss", "loss_name", "rate_cross_entropy", "rate_mse", "resolve_loss"]
 
 LocalLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -44,3 +44,11 @@ def resolve_loss(loss: Literal["mse", "ce"] | LocalLoss) -> LocalLoss:
             f"loss must be 'mse' (the paper's Eq. 3), 'ce' or a callable (out_seq [k, B, C], target) -> "
             f"scalar, got {loss!r}"
         ) from None
+
+
+def loss_name(loss: LocalLoss | None) -> str:
+    """``"mse"`` or ``"ce"`` for the built-in losses, else the callable's name (for logs and hyperparameters)."""
+    if loss is None:
+        return "unknown"
+    names = {fn: name for name, fn in _BY_NAME.items()}
+    return names.get(loss) or getattr(loss, "__name__", type(loss).__name__)

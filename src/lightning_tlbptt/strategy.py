@@ -194,9 +194,7 @@ class TruncatedLocalBPTT(DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         module = self.lightning_module
         assert module is not None and self.partition is not None and self._net is not None
-        batch = args[0] if args else kwargs["batch"]
-        x, target = self.unpack_batch(batch) if self.unpack_batch else (batch[0], batch[1])
-        x = to_time_major(x, self._layout(module), self._steps(module))
+        x, target = self.time_major_batch(args[0] if args else kwargs["batch"])
         if not self._checked_first_batch:
             self._check_first_batch(x, target)
         optimizer = module.optimizers()
@@ -245,6 +243,18 @@ class TruncatedLocalBPTT(DDPStrategy):
         assert out_sum is not None
         self._log(module, block_losses, out_sum, target)
         return block_losses[-1]
+
+    @property
+    def spiking_network(self) -> nn.Module | None:
+        """The network being trained, once ``setup`` has found it."""
+        return self._net
+
+    def time_major_batch(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(x, target)`` of ``batch`` the way the strategy reads it, ``x`` as ``[T, B, ...]``."""
+        module = self.lightning_module
+        assert module is not None
+        x, target = self.unpack_batch(batch) if self.unpack_batch else (batch[0], batch[1])
+        return to_time_major(x, self._layout(module), self._steps(module)), target
 
     def _run_block(self, block: Block, h: Tensor) -> Tensor:
         if self.partition is not None and self.partition.step_mode == "s":

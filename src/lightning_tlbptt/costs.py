@@ -1,0 +1,694 @@
+"""The paper's analytic cost model: memory traffic, additions, MACs and memory of one batch iteration.
+
+Guo et al. (2023), Section 4, model the cost of training one batch with temporally-truncated local
+BPTT on a processor that holds one layer's weights and batch states on chip and keeps everything else
+in external memory (DRAM):
+
+* memory reads and writes (Eqs. 11-14): every time step reads and writes each layer's weights and
+  batch neural states; at the last step of every truncation interval the top layer's and the
+  classifier's states are still on chip and no gradient exists yet to accumulate, so that step
+  reads less (Eq. 14);
+* additions (Eqs. 15-16): synaptic accumulations of input spikes in the forward pass, error and
+  weight-gradient accumulations in the backward pass;
+* MACs (Eq. 17): only the backward propagation of real-valued errors multiplies; a block's first
+  layer propagates nothing below it, which is why local blocks save most MACs;
+* GPU memory (Eqs. 9-10): ``k`` steps of computational graph plus the parameters;
+* the figure of merit (Eq. 18) combining accuracy loss with the four cost ratios.
+
+:func:`profile` runs the network once (one time step, batch 1, zeros) to learn every layer's size,
+so the model applies to any network :func:`~lightning_tlbptt.partitioning.partition` accepts,
+without a Trainer or data; the network may live on the ``meta`` device. :func:`estimate` and
+:meth:`NetworkProfile.estimate` evaluate the model for a ``(T, k, n, batch, classifier)``
+configuration and return a :class:`CostEstimate` with a per-layer breakdown. Where the paper leaves
+a point open, the reading taken here is the one that reproduces the figures it quotes; ``docs/costs.md``
+lists each choice and the figures obtained. :func:`costs_main` is the ``tlbptt costs`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+from spikingjelly.activation_based import functional
+from torch import nn
+
+from lightning_tlbptt.partitioning import Partition, partition
+
+__all__ = [
+    "CostEstimate",
+    "CostRatios",
+    "CostRow",
+    "LayerShape",
+    "NetworkProfile",
+    "compare",
+    "costs_main",
+    "estimate",
+    "figure_of_merit",
+    "profile",
+]
+
+ClassifierChoice = Literal["trainable", "random"]
+Sparsity = float | Sequence[float]
+
+BYTES_PER_ELEMENT = 4
+"""Bytes of one stored number in the analytic memory estimate (float32, as the paper's PyTorch runs)."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the cost model needs of one layer, per sample and per time step.
+
+    Attributes:
+        index: position among the network's layers (see :func:`~lightning_tlbptt.partitioning.partition`).
+        name: the layer's first module name.
+        weights: ``|W^n|``, weights of the layer's conv/linear modules (biases and norm parameters excluded,
+            as in the paper).
+        states: neuron states of the layer per sample: every SpikingJelly neuron of the layer (a pooling
+            layer's LIF included); for an output layer without a neuron, its output size. ``|U^n|`` is this
+            times the batch size.
+        dense_macs: multiply-accumulates of the layer's conv/linear modules per sample without sparsity;
+            ``M^n`` of Eq. 15 is this times the batch size.
+        inputs: size of the layer's input per sample (the activations its weight gradient needs).
+        out_shape: per-sample shape of the layer's output, ``(C, *spatial)`` or ``(F,)``: what a local
+            classifier placed after this layer reads. Empty where no block can end (the last hidden layer,
+            which always shares the output layer's block, and the output layer).
+    """
+
+    index: int
+    name: str
+    weights: int
+    states: int
+    dense_macs: int
+    inputs: int
+    out_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CostRow:
+    """One layer's, classifier's or block's share of a :class:`CostEstimate` (counts for one batch).
+
+    ``kind`` is ``"layer"`` (a hidden layer), ``"classifier"`` (a block's local classifier), ``"output"``
+    (the network's output layer, which the paper treats as the last block's classifier) or ``"block"``
+    (a block's total, from :meth:`CostEstimate.per_block`).
+    """
+
+    block: int
+    name: str
+    kind: Literal["layer", "classifier", "output", "block"]
+    reads: float
+    writes: float
+    additions: float
+    macs: float
+
+    @property
+    def memory_access(self) -> float:
+        return self.reads + self.writes
+
+
+@dataclass(frozen=True)
+class CostRatios:
+    """A configuration's costs divided by a reference's (standard BPTT in :func:`compare`): 1.0 is equal."""
+
+    reads: float
+    writes: float
+    memory_access: float
+    additions: float
+    macs: float
+    memory: float
+
+    def figure_of_merit(self, accuracy_loss: float, memory: float | None = None) -> float:
+        """Eq. 18 with these ratios; ``memory`` overrides the analytic memory ratio (e.g. a measured one)."""
+        return figure_of_merit(
+            accuracy_loss, self.memory if memory is None else memory, self.memory_access, self.additions, self.macs
+        )
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """Analytic costs of one batch iteration (all ``T`` steps, forward and backward, every block).
+
+    Counts are numbers of elements moved (``reads``, ``writes``) or operations (``additions``, ``macs``),
+    not bytes; ``memory`` is in bytes.
+
+    Attributes:
+        T, k, n, batch_size, classifier, classifier_pool: the configuration estimated; ``n`` is the
+            number of hidden layers per block actually used (``n_hidden`` for one block).
+        sparsity: input density ``alpha`` of every layer, in layer order (``alpha^{n-1}`` of Eq. 15).
+        reads, writes: external-memory reads and writes (Eqs. 11-14).
+        additions: additions (Eqs. 15-16).
+        macs: multiply-accumulates (Eq. 17).
+        memory: GPU memory in bytes (Eqs. 9-10): graph of the interval plus weights and gradients.
+        rows: per-layer and per-classifier breakdown; the rows sum to the totals.
+    """
+
+    T: int
+    k: int
+    n: int
+    batch_size: int
+    classifier: ClassifierChoice
+    classifier_pool: int | None
+    sparsity: tuple[float, ...]
+    reads: float
+    writes: float
+    additions: float
+    macs: float
+    memory: float
+    rows: tuple[CostRow, ...] = field(repr=False)
+
+    @property
+    def memory_access(self) -> float:
+        """Reads plus writes: the paper's "number of memory access" (Figs. 9-10)."""
+        return self.reads + self.writes
+
+    @property
+    def num_blocks(self) -> int:
+        return max(row.block for row in self.rows) + 1
+
+    def per_block(self) -> tuple[CostRow, ...]:
+        """One row per block, classifier included: the per-block costs."""
+        out = []
+        for b in range(self.num_blocks):
+            rows = [row for row in self.rows if row.block == b]
+            out.append(
+                CostRow(
+                    block=b,
+                    name=f"block{b}",
+                    kind="block",
+                    reads=sum(r.reads for r in rows),
+                    writes=sum(r.writes for r in rows),
+                    additions=sum(r.additions for r in rows),
+                    macs=sum(r.macs for r in rows),
+                )
+            )
+        return tuple(out)
+
+    def relative_to(self, reference: CostEstimate) -> CostRatios:
+        """This estimate's costs divided by ``reference``'s (e.g. standard BPTT of the same network)."""
+        return CostRatios(**{f.name: getattr(self, f.name) / getattr(reference, f.name) for f in fields(CostRatios)})
+
+
+def figure_of_merit(accuracy_loss: float, memory: float, memory_access: float, additions: float, macs: float) -> float:
+    """The paper's figure of merit, Eq. 18: ``AL + 0.25 (MC + #MA + #ADD + #MAC)``; smaller is better.
+
+    Every cost term is the ratio of the configuration's cost to standard BPTT's (1.0 = as costly as
+    BPTT), and ``accuracy_loss`` is BPTT's accuracy minus the configuration's, as a fraction (0.01 is
+    one percentage point; negative when the configuration is more accurate). BPTT itself scores 1.0.
+    """
+    return accuracy_loss + 0.25 * (memory + memory_access + additions + macs)
+
+
+@dataclass(frozen=True)
+class NetworkProfile:
+    """Layer sizes of a network, learned once by :func:`profile`; evaluate configurations with it.
+
+    Attributes:
+        layers: every layer, the output layer last.
+        num_classes: ``N_c``, the width of the output layer and of every local classifier.
+        classifier_inputs: input width of a local classifier placed after hidden layer ``i``, for every
+            hidden layer but the last (a block boundary never falls after it).
+        classifier_pool: the local classifiers' pooling bound used for ``classifier_inputs``.
+    """
+
+    layers: tuple[LayerShape, ...]
+    num_classes: int
+    classifier_inputs: tuple[int, ...]
+    classifier_pool: int | None
+
+    @property
+    def n_hidden(self) -> int:
+        """Layers ``n`` counts: all but the output layer."""
+        return len(self.layers) - 1
+
+    def blocks(self, n: int) -> tuple[tuple[int, ...], ...]:
+        """Layer indices of each block for ``n`` hidden layers per block (the rule of :func:`partition`)."""
+        hidden = self.n_hidden
+        groups = [list(range(i, min(i + n, hidden))) for i in range(0, hidden, n)] or [[]]
+        groups[-1].append(hidden)
+        return tuple(tuple(g) for g in groups)
+
+    def estimate(
+        self,
+        *,
+        T: int,
+        k: int,
+        n: int,
+        batch_size: int,
+        classifier: ClassifierChoice = "trainable",
+        sparsity: Sparsity = 1.0,
+    ) -> CostEstimate:
+        """Costs of one batch iteration of ``T`` steps in chunks of ``k`` with blocks of ``n`` hidden layers.
+
+        Args:
+            T: time steps of the batch.
+            k: truncation interval; a last chunk of ``T mod k`` steps is counted as such.
+            n: hidden layers per block; ``n >= n_hidden`` is one block (no local classifier).
+            batch_size: ``N_b``.
+            classifier: ``"random"`` local classifiers move no weights and accumulate no weight gradient.
+            sparsity: input density ``alpha`` (fraction of non-zero inputs, in [0, 1]) of every layer, or one
+                value per layer in layer order. A local classifier's ``alpha_c`` is the density of the block
+                output it reads, i.e. the next layer's input density. The default 1.0 assumes no sparsity;
+                it is the reading that reproduces the paper's addition figures (see docs/costs.md).
+        """
+        for name, value in (("T", T), ("k", k), ("n", n), ("batch_size", batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if classifier not in ("trainable", "random"):
+            raise ValueError(f"classifier must be 'trainable' or 'random', got {classifier!r}")
+        alphas = self._sparsity(sparsity)
+        chunks = [k] * (T // k) + ([T % k] if T % k else [])
+        blocks = self.blocks(n)
+        rows: list[CostRow] = []
+        for b, members in enumerate(blocks):
+            hidden = [i for i in members if i != self.n_hidden]
+            for pos, i in enumerate(hidden):
+                rows.append(
+                    self._layer_row(
+                        b,
+                        i,
+                        first=pos == 0,
+                        top=pos == len(hidden) - 1,
+                        alphas=alphas,
+                        chunks=chunks,
+                        batch_size=batch_size,
+                    )
+                )
+            if b == len(blocks) - 1:
+                rows.append(self._classifier_row(b, None, alphas, chunks, batch_size, trainable=True))
+            else:
+                rows.append(self._classifier_row(b, hidden[-1], alphas, chunks, batch_size, classifier == "trainable"))
+        return CostEstimate(
+            T=T,
+            k=min(k, T),
+            n=min(n, self.n_hidden) if self.n_hidden else n,
+            batch_size=batch_size,
+            classifier=classifier,
+            classifier_pool=self.classifier_pool,
+            sparsity=alphas,
+            reads=sum(r.reads for r in rows),
+            writes=sum(r.writes for r in rows),
+            additions=sum(r.additions for r in rows),
+            macs=sum(r.macs for r in rows),
+            memory=self._memory(blocks, max(chunks), batch_size, classifier == "trainable"),
+            rows=tuple(rows),
+        )
+
+    def bptt(self, *, T: int, batch_size: int, sparsity: Sparsity = 1.0) -> CostEstimate:
+        """Standard BPTT of the same network: ``k = T``, one block."""
+        return self.estimate(T=T, k=T, n=max(self.n_hidden, 1), batch_size=batch_size, sparsity=sparsity)
+
+    def _sparsity(self, sparsity: Sparsity) -> tuple[float, ...]:
+        if isinstance(sparsity, (int, float)):
+            alphas = (float(sparsity),) * len(self.layers)
+        else:
+            alphas = tuple(float(a) for a in sparsity)
+            if len(alphas) != len(self.layers):
+                raise ValueError(
+                    f"sparsity has {len(alphas)} values but the network has {len(self.layers)} layers; give one "
+                    "input density per layer, or one float for all"
+                )
+        if not all(0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"sparsity values are input densities in [0, 1], got {alphas}")
+        return alphas
+
+    def _layer_row(
+        self,
+        block: int,
+        i: int,
+        *,
+        first: bool,
+        top: bool,
+        alphas: tuple[float, ...],
+        chunks: list[int],
+        batch_size: int,
+    ) -> CostRow:
+        layer = self.layers[i]
+        W, U, M, a = layer.weights, batch_size * layer.states, batch_size * layer.dense_macs, alphas[i]
+        # Errors reach a layer's input only if a layer of the same block lies below it (Eqs. 12, 14, 17).
+        W_up = 0 if first else W
+        # Eq. 11 (forward), 12-13 (middle backward steps), 14 (last step of the interval: the top layer's
+        # states are still on chip, no gradient to read yet, only gradients are written).
+        step = _Step(reads=W + U, writes=U, additions=a * M)
+        middle = _Step(
+            reads=W + 2 * U + W_up, writes=W + U, additions=2 * U + batch_size * a * W, macs=0 if first else M
+        )
+        last = _Step(reads=W_up + (0 if top else U), writes=W, additions=U + batch_size * a * W, macs=0 if first else M)
+        return _accumulate(block, layer.name, "layer", step, middle, last, chunks)
+
+    def _classifier_row(
+        self,
+        block: int,
+        after: int | None,
+        alphas: tuple[float, ...],
+        chunks: list[int],
+        batch_size: int,
+        trainable: bool,
+    ) -> CostRow:
+        if after is None:  # the output layer closes the last block and plays its classifier
+            out = self.layers[-1]
+            W, U, M, a = out.weights, batch_size * out.states, batch_size * out.dense_macs, alphas[-1]
+            name, kind = out.name, "output"
+        else:
+            W = self.classifier_inputs[after] * self.num_classes
+            U, M, a = batch_size * self.num_classes, batch_size * W, alphas[after + 1]
+            name, kind = f"classifier{block}", "classifier"
+        # Random classifier weights come from an on-chip generator: no traffic, no weight gradient.
+        Wt = W if trainable else 0
+        grad_adds = batch_size * a * W if trainable else 0
+        step = _Step(reads=Wt + U, writes=U, additions=a * M)
+        middle = _Step(reads=2 * Wt + 3 * U, writes=Wt + U, additions=2 * U + grad_adds, macs=M)
+        last = _Step(reads=Wt, writes=Wt, additions=U + grad_adds, macs=M)
+        return _accumulate(block, name, kind, step, middle, last, chunks)
+
+    def _memory(self, blocks: tuple[tuple[int, ...], ...], k: int, batch_size: int, trainable: bool) -> float:
+        """Eqs. 9-10: ``(k - 1) MC(CG) + MC_local(CG) + N(w)`` (+ gradients), in bytes.
+
+        ``MC(CG)`` of one step is taken as each layer's input and neuron states (what autograd keeps to
+        differentiate it) plus each local classifier's states and pooled input; ``MC_local(CG)`` as the
+        largest block's share, since a block's graph can be freed after its backward at the interval's
+        last step. :class:`~lightning_tlbptt.strategy.TruncatedLocalBPTT` frees every block's graph after
+        its backward at every chunk, so it needs at most this.
+        """
+        graph = []
+        weights = sum(layer.weights for layer in self.layers)
+        classifier_weights = 0
+        for b, members in enumerate(blocks):
+            size = sum(self.layers[i].inputs + self.layers[i].states for i in members)
+            if b < len(blocks) - 1:
+                tap = self.layers[members[-1]]
+                width = self.classifier_inputs[tap.index]
+                # a classifier reading the block output as it is shares that tensor with the next layer;
+                # only a pooled copy is new memory
+                size += self.num_classes + (width if width != math.prod(tap.out_shape) else 0)
+                classifier_weights += width * self.num_classes
+            graph.append(batch_size * size)
+        # every trainable weight has a gradient; random classifier weights are stored but get none
+        stored = 2 * weights + (2 if trainable else 1) * classifier_weights
+        return float(((k - 1) * sum(graph) + max(graph) + stored) * BYTES_PER_ELEMENT)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Costs of one time step of one layer or classifier."""
+
+    reads: float = 0.0
+    writes: float = 0.0
+    additions: float = 0.0
+    macs: float = 0.0
+
+
+def _accumulate(
+    block: int,
+    name: str,
+    kind: Literal["layer", "classifier", "output"],
+    forward: _Step,
+    middle: _Step,
+    last: _Step,
+    chunks: list[int],
+) -> CostRow:
+    """Sum over the intervals: every step runs forward, the last one of each interval ``last``, the others
+    ``middle`` backward."""
+    steps = sum(chunks)
+    middles = steps - len(chunks)
+    total = {
+        f.name: steps * getattr(forward, f.name)
+        + middles * getattr(middle, f.name)
+        + len(chunks) * getattr(last, f.name)
+        for f in fields(_Step)
+    }
+    return CostRow(block=block, name=name, kind=kind, **total)
+
+
+def profile(net: nn.Module, input_shape: Sequence[int], *, classifier_pool: int | None = 4) -> NetworkProfile:
+    """Learn every layer's size from one forward of one zero time step of batch 1.
+
+    The network is put in eval mode for the probe (so batch norm statistics stay untouched), its
+    neurons are reset afterwards, and nothing is allocated but one sample's activations: the network
+    may be built on the ``meta`` device.
+
+    Args:
+        net: a SpikingJelly network :func:`~lightning_tlbptt.partitioning.partition` accepts.
+        input_shape: one sample at one time step, e.g. ``(C, H, W)``.
+        classifier_pool: bound per spatial axis of the local classifiers (as
+            :class:`~lightning_tlbptt.classifiers.LocalClassifier` pools, the strategy's
+            ``classifier_pool``); ``None`` for the paper's classifier on the fully flattened block output.
+    """
+    if classifier_pool is not None and (not isinstance(classifier_pool, int) or classifier_pool < 1):
+        raise ValueError(f"classifier_pool must be a positive int or None, got {classifier_pool!r}")
+    part = partition(net, 1)
+    probe = _probe(net, part, tuple(input_shape))
+    layers = []
+    for layer in part.layers:
+        weighted = layer.weighted
+        calls = [probe.calls[id(m)] for m in weighted if id(m) in probe.calls]
+        if len(calls) != len(weighted):
+            raise ValueError(f"layer {layer.index} ({', '.join(layer.names)}) did not run in the probe forward")
+        states = sum(probe.states.get(id(m), 0) for m in layer.neurons) or calls[-1][1]
+        layers.append(
+            LayerShape(
+                index=layer.index,
+                name=layer.names[0],
+                weights=sum(m.weight.numel() for m in weighted),
+                states=states,
+                dense_macs=sum(_dense_macs(m, inp, out) for m, (inp, out) in zip(weighted, calls, strict=True)),
+                inputs=calls[0][0],
+                out_shape=probe.outputs[layer.index] if layer.index < len(probe.outputs) else (),
+            )
+        )
+    taps = tuple(_classifier_inputs(shape, classifier_pool) for shape in probe.outputs)
+    return NetworkProfile(
+        layers=tuple(layers), num_classes=part.num_classes, classifier_inputs=taps, classifier_pool=classifier_pool
+    )
+
+
+def estimate(
+    net: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    T: int,
+    k: int,
+    n: int,
+    batch_size: int,
+    classifier: ClassifierChoice = "trainable",
+    sparsity: Sparsity = 1.0,
+    classifier_pool: int | None = 4,
+) -> CostEstimate:
+    """Reads, writes, additions, MACs and memory of one batch iteration of ``net`` (see :class:`CostEstimate`).
+
+    ``input_shape`` is one sample at one step, e.g. ``(2, 128, 128)``; the other arguments are those of
+    :meth:`NetworkProfile.estimate` and :func:`profile`. To evaluate many configurations, call
+    :func:`profile` once and :meth:`NetworkProfile.estimate` for each.
+    """
+    return profile(net, input_shape, classifier_pool=classifier_pool).estimate(
+        T=T, k=k, n=n, batch_size=batch_size, classifier=classifier, sparsity=sparsity
+    )
+
+
+def compare(
+    net: nn.Module,
+    *,
+    input_shape: Sequence[int],
+    T: int,
+    k: int,
+    n: int,
+    batch_size: int,
+    classifier: ClassifierChoice = "trainable",
+    sparsity: Sparsity = 1.0,
+    classifier_pool: int | None = 4,
+) -> CostRatios:
+    """Costs of ``(k, n, classifier)`` relative to standard BPTT (``k = T``, one block) of the same network."""
+    prof = profile(net, input_shape, classifier_pool=classifier_pool)
+    running = prof.estimate(T=T, k=k, n=n, batch_size=batch_size, classifier=classifier, sparsity=sparsity)
+    return running.relative_to(prof.bptt(T=T, batch_size=batch_size, sparsity=sparsity))
+
+
+@dataclass
+class _Probe:
+    calls: dict[int, tuple[int, int]]  # id(weighted module) -> (input numel, output numel), per sample and step
+    states: dict[int, int]  # id(neuron) -> states per sample
+    outputs: list[tuple[int, ...]]  # per-sample output shape of hidden layers 0 .. n_hidden - 2
+
+
+def _probe(net: nn.Module, part: Partition, input_shape: tuple[int, ...]) -> _Probe:
+    result = _Probe(calls={}, states={}, outputs=[])
+
+    def on_weighted(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        # batch 1 and one step: numel is the per-sample size whatever the layout ([1, 1, ...] or [1, ...])
+        result.calls[id(module)] = (args[0].numel(), output.numel())
+
+    def on_neuron(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        result.states[id(module)] = output.numel()
+
+    handles = [m.register_forward_hook(on_weighted) for layer in part.layers for m in layer.weighted]
+    handles += [m.register_forward_hook(on_neuron) for layer in part.layers for m in layer.neurons]
+    parameter = next(net.parameters(), None)
+    x = torch.zeros(1, 1, *input_shape, device=parameter.device if parameter is not None else None)
+    try:
+        with torch.no_grad(), _eval_mode(net):
+            h = x
+            for block in part.blocks:  # n = 1: one hidden layer per block, so every block output is a tap point
+                h = functional.multi_step_forward(h, block.module) if part.step_mode == "s" else block.module(h)
+                if not block.is_last:
+                    result.outputs.append(tuple(h.shape[2:]))
+    except RuntimeError as err:
+        raise ValueError(
+            f"the probe forward failed on one step of one sample of shape {list(input_shape)}: {err}"
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        functional.reset_net(net)
+    return result
+
+
+@contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _dense_macs(module: nn.Module, in_numel: int, out_numel: int) -> int:
+    """MACs per sample: every output (input, for a transposed conv) takes ``weights / channels`` products."""
+    per = module.weight.numel() // module.weight.shape[0]
+    return (in_numel if isinstance(module, nn.modules.conv._ConvTransposeNd) else out_numel) * per
+
+
+def _classifier_inputs(out_shape: tuple[int, ...], pool: int | None) -> int:
+    """Input width of :class:`~lightning_tlbptt.classifiers.LocalClassifier` on a ``(C, *spatial)`` map."""
+    spatial = out_shape[1:]
+    if pool is not None and spatial and any(s > pool for s in spatial):
+        return out_shape[0] * pool ** len(spatial)
+    return math.prod(out_shape)
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+
+def _build(
+    spec: str, input_shape: tuple[int, ...] | None, num_classes: int | None, device: str
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """Build a network from a :data:`~lightning_tlbptt.models.MODELS` name or a ``module:factory`` path."""
+    kwargs: dict[str, object] = {}
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+    else:
+        from lightning_tlbptt.models import MODELS
+
+        if spec not in MODELS:
+            raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(MODELS))} or 'module:factory'")
+        factory = MODELS[spec]
+        defaults = inspect.signature(factory).parameters
+        if input_shape is None:
+            size = defaults["input_size"].default
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            input_shape = (defaults["in_channels"].default, *size)
+        else:
+            kwargs.update(in_channels=input_shape[0], input_size=tuple(input_shape[1:]))
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+    if input_shape is None:
+        raise ValueError("--input-shape is required for a 'module:factory' network")
+    with torch.device(device):
+        net = factory(**kwargs)
+    return net, input_shape
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _pool(text: str) -> int | None:
+    return None if text.lower() == "none" else _ints(text)[0]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3e}"
+
+
+def costs_main(argv: list[str] | None = None) -> int:
+    """``tlbptt costs``: print the paper-style cost table over a grid of ``k`` and ``n``.
+
+    One row per ``(k, n, classifier)``, standard BPTT first: reads, writes, memory access, additions,
+    MACs (counts for one batch iteration) and analytic memory (bytes), then each as a ratio to BPTT.
+    """
+    parser = argparse.ArgumentParser(
+        prog="tlbptt costs",
+        description="Analytic training costs (Guo et al. 2023, Eqs. 9-17) of one batch iteration over a grid of "
+        "truncation intervals k and block sizes n, relative to standard BPTT.",
+    )
+    parser.add_argument("model", help="a model of lightning_tlbptt.models.MODELS or a 'package.module:factory' path")
+    parser.add_argument("--input-shape", type=_ints, default=None, help="one sample at one step, e.g. 2,128,128")
+    parser.add_argument("--num-classes", type=int, default=None, help="output width passed to the model builder")
+    parser.add_argument("--T", type=int, required=True, help="time steps per sample")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--k", type=_ints, default=None, help="truncation intervals, e.g. 60,30,10,5,1 (default: T)")
+    parser.add_argument("--n", type=_ints, default=[1], help="hidden layers per block, e.g. 4,2,1")
+    parser.add_argument("--classifier", default="trainable", help="trainable, random, or both: trainable,random")
+    parser.add_argument("--sparsity", type=float, default=1.0, help="input density alpha of every layer")
+    parser.add_argument(
+        "--classifier-pool", type=_pool, default=4, help="local classifiers' pooling bound, or 'none' (the paper's)"
+    )
+    parser.add_argument("--device", default="meta", help="where to build the network (meta allocates nothing)")
+    args = parser.parse_args(argv)
+    kinds = [c.strip() for c in args.classifier.split(",")]
+    if any(c not in ("trainable", "random") for c in kinds):
+        parser.error(f"--classifier must be trainable, random or trainable,random, got {args.classifier!r}")
+    try:
+        net, input_shape = _build(
+            args.model, tuple(args.input_shape) if args.input_shape else None, args.num_classes, args.device
+        )
+        prof = profile(net, input_shape, classifier_pool=args.classifier_pool)
+        base = prof.bptt(T=args.T, batch_size=args.batch_size, sparsity=args.sparsity)
+        rows = [("BPTT", base)]
+        for kind in kinds:
+            for n in args.n:
+                for k in args.k or [args.T]:
+                    est = prof.estimate(
+                        T=args.T, k=k, n=n, batch_size=args.batch_size, classifier=kind, sparsity=args.sparsity
+                    )
+                    rows.append((kind, est))
+    except ValueError as err:
+        print(f"tlbptt costs: error: {err}", file=sys.stderr)
+        return 1
+    metrics = ("reads", "writes", "memory_access", "additions", "macs", "memory")
+    labels = ("reads", "writes", "mem.access", "additions", "MACs", "memory[B]")
+    header = ["classifier", "k", "n", "blocks", *labels, *(f"{m.removesuffix('[B]')}/BPTT" for m in labels)]
+    lines = []
+    for kind, est in rows:
+        ratio = est.relative_to(base)
+        lines.append(
+            [kind, str(est.k), str(est.n), str(est.num_blocks)]
+            + [_fmt(getattr(est, m)) for m in metrics]
+            + [f"{getattr(ratio, m):.4f}" for m in metrics]
+        )
+    print(
+        f"{args.model} input {list(input_shape)} T={args.T} batch={args.batch_size} sparsity={args.sparsity} "
+        f"classifier_pool={args.classifier_pool} ({prof.n_hidden} hidden layers + output; counts per batch "
+        "iteration, memory in bytes)"
+    )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+    return 0
