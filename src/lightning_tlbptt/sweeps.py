@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["Trial", "TrialFn", "load_template", "recommend", "report", "run_sweep"]
+__all__ = ["Trial", "TrialFn", "load_template", "paper_trial", "recommend", "report", "run_sweep"]
 
 TrialFn = Callable[[dict[str, Any], Path], dict[str, float]]
 """``(parameters, trial_dir) -> summary metrics``; raises to mark the trial failed."""
@@ -134,19 +134,119 @@ def run_sweep(
     return trials
 
 
+def paper_trial(
+    dataset: str, *, data_dir: str | Path | None = None, logger: Literal["csv", "wandb"] = "csv"
+) -> TrialFn:
+    """The trial of the paper's study on ``dataset``: train its Table 2 network with TruncatedLocalBPTT.
+
+    Parameters a template may set: ``k``, ``n``, ``classifier``, ``epochs`` (default 1), and the paper
+    setting's ``lr``, ``loss``, ``batch_size`` and ``T``, plus ``limit_train_batches``/``limit_val_batches``
+    and ``seed``. Standard BPTT of the same network and data is trained once per sweep folder (cached in
+    ``reference.json``); it is the reference of the figure of merit (Eq. 18): measured peak memory and
+    accuracy against it, memory access, additions and MACs from the analytic model (densities 1, the
+    reading that reproduces the paper's figures, see docs/costs.md). Metric keys are those the callbacks
+    log (``val/acc``, ``cost/fom``, ...), so a template's metric means the same online and offline.
+    """
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    from lightning_tlbptt.compare import RunResult, fit_and_measure
+    from lightning_tlbptt.costs import figure_of_merit, profile
+    from lightning_tlbptt.data import DATASETS
+    from lightning_tlbptt.paper import PaperClassifier, paper_setting
+    from lightning_tlbptt.strategy import TruncatedLocalBPTT
+
+    spec = DATASETS[dataset]
+    setting = paper_setting(dataset)
+    static = setting["T"] is not None
+
+    def train(params: dict[str, Any], strategy: str | TruncatedLocalBPTT, save_dir: Path, name: str) -> RunResult:
+        import lightning as L
+
+        L.seed_everything(int(params.get("seed", 0)), verbose=False)
+        steps = int(params.get("T", spec.n_steps))
+        data = spec.make_datamodule(
+            data_dir,
+            batch_size=int(params.get("batch_size", spec.batch_size)),
+            **({} if static else {"n_steps": steps}),
+        )
+        model = PaperClassifier(
+            **{
+                **setting,
+                "T": steps if static else None,
+                "lr": float(params.get("lr", setting["lr"])),
+                "loss": params.get("loss", setting["loss"]),
+            }
+        )
+        run_logger = (
+            CSVLogger(save_dir, name=name) if logger == "csv" else WandbLogger(name=name, save_dir=str(save_dir))
+        )
+        run_logger.log_hyperparams({"dataset": dataset, **params})
+        limits = {key: params[key] for key in ("limit_train_batches", "limit_val_batches") if key in params}
+        result = fit_and_measure(
+            name, model, data, strategy=strategy, max_epochs=int(params.get("epochs", 1)), logger=run_logger, **limits
+        )
+        if logger == "wandb":
+            import wandb
+
+            wandb.finish()
+        return result
+
+    def run(params: dict[str, Any], trial_dir: Path) -> dict[str, float]:
+        reference_file = trial_dir.parent / "reference.json"
+        if reference_file.is_file():
+            reference = json.loads(reference_file.read_text())
+        else:
+            bptt = train(params, "auto", trial_dir.parent / "reference", "bptt")
+            reference = {"val/acc": bptt.val_acc, "cost/memory/total_bytes": bptt.peak_bytes}
+            reference_file.write_text(json.dumps(reference))
+        k, n, kind = int(params["k"]), int(params["n"]), str(params.get("classifier", "trainable"))
+        strategy = TruncatedLocalBPTT(k=k, n=n, classifier=kind, loss=params.get("loss", setting["loss"]))
+        result = train(params, strategy, trial_dir, f"k{k}-n{n}-{kind}")
+        steps = int(params.get("T", spec.n_steps))
+        prof = profile(
+            spec.make_model(), (spec.in_channels, *spec.input_size), classifier_pool=strategy.classifier_pool
+        )
+        batch = int(params.get("batch_size", spec.batch_size))
+        costs = prof.estimate(T=steps, k=k, n=n, batch_size=batch, classifier=kind)
+        ratios = costs.relative_to(prof.bptt(T=steps, batch_size=batch))
+        memory_ratio = result.peak_bytes / reference["cost/memory/total_bytes"]
+        accuracy_loss = reference["val/acc"] - result.val_acc
+        return {
+            "val/acc": result.val_acc,
+            "cost/memory/total_bytes": result.peak_bytes,
+            "seconds": result.seconds,
+            "cost/reads": costs.reads,
+            "cost/writes": costs.writes,
+            "cost/memory_access": costs.memory_access,
+            "cost/additions": costs.additions,
+            "cost/macs": costs.macs,
+            "cost/ratio/memory": memory_ratio,
+            "cost/ratio/memory_access": ratios.memory_access,
+            "cost/ratio/additions": ratios.additions,
+            "cost/ratio/macs": ratios.macs,
+            "cost/accuracy_loss": accuracy_loss,
+            "cost/fom": figure_of_merit(
+                accuracy_loss, memory_ratio, ratios.memory_access, ratios.additions, ratios.macs
+            ),
+            "reference/val_acc": reference["val/acc"],
+        }
+
+    return run
+
+
 # --------------------------------------------------------------------------------------------- report
 
 _COLUMNS = (
     ("k", "k"),
     ("n", "n"),
     ("classifier", "classifier"),
-    ("val_acc", "accuracy"),
+    ("val/acc", "accuracy"),
     ("peak_memory_mib", "peak memory (MiB)"),
-    ("ratio/memory", "memory / BPTT"),
-    ("ratio/memory_access", "memory access / BPTT"),
-    ("ratio/additions", "additions / BPTT"),
-    ("ratio/macs", "MACs / BPTT"),
-    ("fom", "FoM (Eq. 18)"),
+    ("cost/ratio/memory", "memory / BPTT"),
+    ("cost/ratio/memory_access", "memory access / BPTT"),
+    ("cost/ratio/additions", "additions / BPTT"),
+    ("cost/ratio/macs", "MACs / BPTT"),
+    ("cost/fom", "FoM (Eq. 18)"),
 )
 
 
@@ -154,8 +254,8 @@ def _rows(trials: Sequence[Trial]) -> list[dict[str, Any]]:
     rows = []
     for t in trials:
         row: dict[str, Any] = {"trial": t.name, "state": t.state, **t.parameters, **t.metrics}
-        if "peak_memory_bytes" in t.metrics:
-            row["peak_memory_mib"] = t.metrics["peak_memory_bytes"] / 2**20
+        if "cost/memory/total_bytes" in t.metrics:
+            row["peak_memory_mib"] = t.metrics["cost/memory/total_bytes"] / 2**20
         rows.append(row)
     return rows
 
@@ -164,15 +264,15 @@ def recommend(trials: Sequence[Trial], *, memory_budget_mib: float | None = None
     """The trial to pick: lowest figure of merit, or the most accurate one within a memory budget."""
     done = [t for t in trials if t.state == "finished"]
     if memory_budget_mib is not None:
-        fits = [t for t in done if t.metrics.get("peak_memory_bytes", math.inf) / 2**20 <= memory_budget_mib]
+        fits = [t for t in done if t.metrics.get("cost/memory/total_bytes", math.inf) / 2**20 <= memory_budget_mib]
         if not fits:
             return None
-        best = max(fits, key=lambda t: t.metrics.get("val_acc", -math.inf))
+        best = max(fits, key=lambda t: t.metrics.get("val/acc", -math.inf))
         return best, f"most accurate within {memory_budget_mib:g} MiB of peak memory"
-    scored = [t for t in done if math.isfinite(t.metrics.get("fom", math.nan))]
+    scored = [t for t in done if math.isfinite(t.metrics.get("cost/fom", math.nan))]
     if not scored:
         return None
-    return min(scored, key=lambda t: t.metrics["fom"]), "lowest figure of merit (Eq. 18)"
+    return min(scored, key=lambda t: t.metrics["cost/fom"]), "lowest figure of merit (Eq. 18)"
 
 
 def _fmt(value: Any) -> str:
@@ -259,23 +359,23 @@ def report(sweep_dir: str | Path, *, memory_budget_mib: float | None = None) -> 
         plt.close(fig)
         written[name] = folder / f"{name}.png"
 
-    line_figure("accuracy_vs_k", [("val_acc", "validation accuracy")])
+    line_figure("accuracy_vs_k", [("val/acc", "validation accuracy")])
     line_figure("memory_vs_k", [("peak_memory_mib", "peak memory (MiB)")])
     line_figure(
         "costs_vs_k",
-        [("memory_access", "memory accesses"), ("additions", "additions"), ("macs", "MACs")],
+        [("cost/memory_access", "memory accesses"), ("cost/additions", "additions"), ("cost/macs", "MACs")],
     )
 
     best: dict[tuple[str, Any], dict[str, Any]] = {}
     for r in finished:
-        if math.isfinite(r.get("fom", math.nan)):
+        if math.isfinite(r.get("cost/fom", math.nan)):
             key = (str(r.get("classifier", "trainable")), r["n"])
-            if key not in best or r["fom"] < best[key]["fom"]:
+            if key not in best or r["cost/fom"] < best[key]["cost/fom"]:
                 best[key] = r
     if best:
         fig, ax = plt.subplots(figsize=(1.2 * len(best) + 3, 3.5))
         labels = [f"n={n}\n{kind}" for kind, n in best]
-        bars = ax.bar(labels, [r["fom"] for r in best.values()])
+        bars = ax.bar(labels, [r["cost/fom"] for r in best.values()])
         for bar, r in zip(bars, best.values(), strict=True):
             ax.annotate(f"k={r['k']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.set_ylabel("figure of merit (lower is better)")
@@ -285,3 +385,48 @@ def report(sweep_dir: str | Path, *, memory_budget_mib: float | None = None) -> 
         plt.close(fig)
         written["fom"] = folder / "fom.png"
     return written
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """``tlbptt sweep <template>``: run a W&B sweep template with no W&B server."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="tlbptt sweep",
+        description="Run (or resume) a W&B sweep template offline: W&B's sweep engine proposes the trials, each "
+        "is trained here and logged as CSV or an offline W&B run. Rerun the same command to resume.",
+    )
+    parser.add_argument("template", type=Path, help="W&B sweep YAML, e.g. examples/sweeps/mnist5k.yaml")
+    parser.add_argument("--out", type=Path, default=None, help="sweep folder (default: sweeps/<template name>)")
+    parser.add_argument("--dataset", default=None, help="dataset (default: the name of the template's program)")
+    parser.add_argument("--data-dir", default=None, help="dataset root")
+    parser.add_argument("--max-trials", type=int, default=None, help="stop after this many new trials")
+    parser.add_argument("--logger", choices=("csv", "wandb"), default="csv", help="wandb honours WANDB_MODE")
+    args = parser.parse_args(argv)
+    config = load_template(args.template)
+    dataset = args.dataset or Path(str(config.get("program", ""))).stem
+    from lightning_tlbptt.data import DATASETS
+
+    if dataset not in DATASETS:
+        parser.error(f"unknown dataset {dataset!r}: pass --dataset, one of {', '.join(DATASETS)}")
+    out = args.out or Path("sweeps") / args.template.stem
+    trials = run_sweep(
+        config, out, paper_trial(dataset, data_dir=args.data_dir, logger=args.logger), max_trials=args.max_trials
+    )
+    done = sum(t.state == "finished" for t in trials)
+    print(f"{len(trials)} trials in {out} ({done} finished, {len(trials) - done} failed); `tlbptt report {out}`")
+    return 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``tlbptt report <sweep dir>``: the results table, the paper's figures and a recommendation."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tlbptt report", description=report.__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--memory-budget", type=float, default=None, metavar="MIB", help="recommend within it")
+    args = parser.parse_args(argv)
+    written = report(args.sweep_dir, memory_budget_mib=args.memory_budget)
+    print(written["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
