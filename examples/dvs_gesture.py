@@ -1,0 +1,18 @@
+"""Spiking LeNet-2 on DVS128 Gesture (11 classes).
+
+Paper setting (Table 1): batch 32, T = 60 frames of 20 ms, tau = 0.3, u_th = 0.2-0.5, SGD (momentum 0.9,
+lr 0.005-0.2), MSE, dropout 0-0.2. (k, n) = (10, 1): the paper's best figure of merit on DvsGesture.
+Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+middle of the threshold range; --help lists the flags.
+
+    python examples/dvs_gesture.py                      # TruncatedLocalBPTT(k=10, n=1), 100 epochs
+    python examples/dvs_gesture.py --bptt               # plain BPTT
+    python examples/dvs_gesture.py --k 2 --n 1 --logger wandb --devices 2
+"""
+
+import sys
+
+from lightning_tlbptt.paper import train_main
+
+if __name__ == "__main__":
+    sys.exit(train_main("dvs_gesture", k=10, n=1))
