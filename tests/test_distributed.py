@@ -16,7 +16,7 @@ HERE = Path(__file__).parent
 def _run(out: Path, mode: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, str(HERE / "ddp_run.py"), str(out), mode], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(HERE / "ddp_run.py"), str(out), mode], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

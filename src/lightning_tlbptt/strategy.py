@@ -119,6 +119,13 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._clip: tuple[float, str] | None = None
         self._checked_first_batch = False
 
+    @override
+    def _configure_launcher(self) -> None:
+        # One process needs no launcher, and Lightning's would call torch.set_num_threads(<cpu count>) unless
+        # OMP_NUM_THREADS is set: the user's thread count would change, as under no single-device strategy.
+        if self.num_nodes * self.num_processes > 1:
+            super()._configure_launcher()
+
     @property
     @override
     def restore_checkpoint_after_setup(self) -> bool:

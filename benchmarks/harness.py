@@ -1,0 +1,673 @@
+"""Shared machinery of the benchmarks: workloads, the ways of training them, and how each is measured.
+
+Every method trains the same network (same initial weights), on the same in-memory batches, with the same
+optimizer and loss, so that the only difference between two rows of a table is the training method:
+
+* ``a``: the plain SpikingJelly BPTT loop a user writes today (no Lightning);
+* ``aL``: the same BPTT through a Lightning ``Trainer`` with its default strategy (what Lightning costs);
+* ``b``: ``TruncatedLocalBPTT(k=T)`` with one block: exactly BPTT, so its cost over ``a`` is the plug-in's;
+* ``c``: ``TruncatedLocalBPTT(k, n)`` at the paper's settings;
+* ``d``: ``a`` after SpikingJelly's ``memopt.optimize_memory`` (checkpointing + spike compression, exact
+  gradients);
+* ``e``: ``c`` with every block checkpointed by memopt in pieces that start at spikes, bit-compressed.
+
+Speed and memory are measured in separate passes, since the memory meters slow training down. Every run is
+a fresh training in a fresh child process, so that no run inherits another's heap, caches or process group;
+speed runs go round after round in a rotating order, so that load from other jobs on the machine falls on
+all methods alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import ctypes.util
+import logging
+import multiprocessing as mp
+import os
+import re
+import resource
+import statistics
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from spikingjelly.activation_based import functional, memopt, neuron
+from torch import Tensor, fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
+from lightning_tlbptt import models as zoo
+
+__all__ = [
+    "RESULTS",
+    "WORKLOADS",
+    "Memory",
+    "Method",
+    "Speed",
+    "TensorMemoryMeter",
+    "Workload",
+    "build_network",
+    "configure",
+    "format_table",
+    "machine",
+    "measure_memory",
+    "measure_speed",
+    "methods_for",
+    "quiet",
+    "workload",
+    "workload_fields",
+    "write_csv",
+]
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 2**20
+Batches = list[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A network of the paper (Table 2), the shape of its data (Table 1) and how far it is scaled down.
+
+    Attributes:
+        network: ``lenet2``, ``alexnet`` or ``resnet18``.
+        T: time steps per sample.
+        batch: samples per batch.
+        input_size: side of the square event frames (the datasets' 128 x 128 or 64 x 64, scaled down).
+        width: every channel and FC width of Table 2 is divided by this (1 = the paper's network).
+        settings: the ``(k, n)`` pairs run as method ``c``; ``e`` uses the first.
+        in_channels: event polarities.
+        num_classes: classes of the dataset the network is shaped for.
+        loss: ``"mse"`` (LeNet, AlexNet: Eq. 3) or ``"ce"`` (ResNet18), as in the paper.
+        optimizer: SGD with momentum 0.9 (LeNet, AlexNet) or Adam (ResNet18), as in the paper.
+        lr: learning rate (irrelevant to speed and memory, but a sane one keeps spikes alive).
+        density: fraction of ones in the random binary event frames.
+    """
+
+    network: str
+    T: int
+    batch: int
+    input_size: int
+    width: int
+    settings: tuple[tuple[int, int], ...]
+    in_channels: int = 2
+    num_classes: int = 10
+    loss: Literal["mse", "ce"] = "mse"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    density: float = 0.15
+
+    def describe(self, steps: bool = True) -> str:
+        scale = "Table 2 widths" if self.width == 1 else f"Table 2 widths / {self.width}"
+        return (
+            f"{self.network}: {f'T={self.T}, ' if steps else ''}batch {self.batch}, input {self.in_channels}x"
+            f"{self.input_size}x{self.input_size} at density {self.density}, {scale}, {self.num_classes} classes, "
+            f"{self.loss}, {self.optimizer}"
+        )
+
+
+# The paper's settings (Table 1) scaled to run in seconds per batch on 2 CPU cores; see docs/benchmarks.md.
+WORKLOADS: dict[str, Workload] = {
+    "lenet2": Workload("lenet2", T=60, batch=32, input_size=28, width=2, settings=((10, 1), (5, 2)), num_classes=11),
+    "alexnet": Workload("alexnet", T=100, batch=128, input_size=8, width=4, settings=((10, 1), (5, 2))),
+    "resnet18": Workload(
+        "resnet18",
+        T=8,
+        batch=32,
+        input_size=16,
+        width=1,
+        settings=((4, 1), (2, 2)),
+        num_classes=200,
+        loss="ce",
+        optimizer="adam",
+        lr=1e-3,
+    ),
+}
+
+# --quick: the same networks on shorter sequences and smaller batches, to check that everything runs.
+QUICK: dict[str, dict[str, Any]] = {
+    "lenet2": {"T": 20, "batch": 8},
+    "alexnet": {"T": 20, "batch": 16},
+    "resnet18": {"T": 4, "batch": 8, "settings": ((2, 1), (1, 2))},
+}
+
+# Builder options of each network, as the public builders in lightning_tlbptt.models set them.
+_ARCH: dict[str, tuple[str, dict[str, Any]]] = {
+    "lenet2": (
+        zoo.LENET2_ARCH,
+        {
+            "neuron": zoo.PaperNeuron(tau_p=0.3, u_th=0.35),
+            "batch_norm": False,
+            "output_neuron": True,
+            "same_padding_after_first": False,
+        },
+    ),
+    "alexnet": (
+        zoo.ALEXNET_ARCH,
+        {
+            "neuron": zoo.PaperNeuron(tau_p=0.8, u_th=0.4),
+            "batch_norm": False,
+            "output_neuron": True,
+            "same_padding_after_first": True,
+        },
+    ),
+    "resnet18": (
+        zoo.RESNET18_ARCH,
+        {
+            "neuron": zoo.PaperNeuron(tau_p=0.5, u_th=0.65),
+            "batch_norm": True,
+            "output_neuron": False,
+            "same_padding_after_first": True,
+        },
+    ),
+}
+
+
+def workload(name: str, *, quick: bool = False, **overrides: Any) -> Workload:
+    """The named workload, shrunk for ``--quick``, with explicit overrides (``None`` values are ignored)."""
+    base = WORKLOADS[name]
+    if quick:
+        base = replace(base, **QUICK[name])
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def build_network(w: Workload, seed: int = 0) -> nn.Sequential:
+    """Table 2's network for ``w``, every width divided by ``w.width``, initialised from ``seed``.
+
+    The models module's private ``_build`` is used because its public builders take no width; the options
+    passed are those of the public builders, so ``width=1`` gives exactly ``models.lenet2``/``alexnet``/...
+    """
+    arch, options = _ARCH[w.network]
+    scaled = re.sub(r"(\d+)(C|AP|FC|RB)", lambda m: f"{max(1, int(m[1]) // w.width)}{m[2]}", arch)
+    torch.manual_seed(seed)
+    return zoo._build(
+        w.network,
+        scaled,
+        in_channels=w.in_channels,
+        num_classes=w.num_classes,
+        input_size=w.input_size,
+        dropout=0.0,
+        spiking_pool=True,
+        **options,
+    )
+
+
+def make_batches(w: Workload, n_batches: int, seed: int = 0) -> Batches:
+    """Batches of random binary event frames ``[B, T, C, H, W]`` (tonic's layout) and random labels.
+
+    Speed and memory depend on shapes, not values, except through spike rates; a fixed input density keeps
+    those the same for every method. The batches are made up front and served as they are (no collation),
+    so no method waits for a loader and no meter counts the input batch, which is data, not training memory.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (w.batch, w.T, w.in_channels, w.input_size, w.input_size)
+    return [
+        ((torch.rand(shape, generator=g) < w.density).float(), torch.randint(0, w.num_classes, (w.batch,), generator=g))
+        for _ in range(n_batches)
+    ]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of a table. ``kind`` is one of ``a, aL, b, c, d, e`` (see the module docstring)."""
+
+    kind: str
+    k: int | None = None
+    n: int | None = None
+
+    @property
+    def label(self) -> str:
+        names = {
+            "a": "(a) SpikingJelly BPTT loop",
+            "aL": "(a') Lightning BPTT",
+            "b": "(b) ours, k=T, one block",
+            "c": f"(c) ours, k={self.k}, n={self.n}",
+            "d": "(d) BPTT + memopt",
+            "e": f"(e) ours k={self.k}, n={self.n} + memopt",
+        }
+        return names[self.kind]
+
+
+def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
+    """The rows for ``w``: ``c`` once per ``(k, n)`` of ``w.settings``, ``e`` at the first setting."""
+    rows: list[Method] = []
+    for kind in kinds:
+        if kind == "c":
+            rows += [Method("c", k, n) for k, n in w.settings]
+        elif kind == "e":
+            rows.append(Method("e", *w.settings[0]))
+        elif kind == "b":
+            rows.append(Method("b", w.T, 1 << 30))
+        elif kind in ("a", "aL", "d"):
+            rows.append(Method(kind))
+        else:
+            raise ValueError(f"unknown method {kind!r}; choose among a, aL, b, c, d, e")
+    return rows
+
+
+def _loss(w: Workload, out_seq: Tensor, y: Tensor) -> Tensor:
+    """The loss a user writes on the output averaged over time (the firing rate, or the mean logits)."""
+    rate = out_seq.mean(0)
+    if w.loss == "ce":
+        return F.cross_entropy(rate, y)
+    return F.mse_loss(rate, F.one_hot(y, w.num_classes).to(rate.dtype))
+
+
+def _optimizer(w: Workload, params: Any) -> torch.optim.Optimizer:
+    if w.optimizer == "adam":
+        return torch.optim.Adam(params, lr=w.lr)
+    return torch.optim.SGD(params, lr=w.lr, momentum=0.9)
+
+
+class _Piece(nn.Sequential):
+    """A run of modules ending at a spiking neuron: the unit that memopt checkpoints (method ``d``)."""
+
+
+def _split_at_neurons(modules: Sequence[nn.Module]) -> list[list[nn.Module]]:
+    """Cut a chain of modules after every module that holds a spiking neuron.
+
+    Each piece but the first then starts with the previous piece's spikes, which a checkpoint can keep as
+    one bit each, and recomputing one piece in backward holds only that piece's activations. It is the
+    finest cut at which every stored input is a spike tensor, what memopt's level-2 search converges to on
+    CUDA for conv-neuron networks; on CPU only level 1 runs, so the pieces are given to it.
+    """
+    pieces: list[list[nn.Module]] = [[]]
+    for module in modules:
+        pieces[-1].append(module)
+        if any(isinstance(m, neuron.BaseNode) for m in module.modules()):
+            pieces.append([])
+    if not pieces[-1]:
+        pieces.pop()
+    return pieces
+
+
+def memopt_network(net: nn.Sequential, example: Tensor) -> nn.Sequential:
+    """``net`` cut into pieces (:func:`_split_at_neurons`) and passed through ``memopt.optimize_memory``.
+
+    Level 1 checkpoints every target module and compresses its first input when the probe finds it binary;
+    levels 2-4 search over CUDA peak memory and refuse to run on CPU.
+    """
+    grouped = nn.Sequential(*(_Piece(*piece) for piece in _split_at_neurons(list(net))))
+
+    def forward(model: nn.Module) -> Tensor:
+        functional.reset_net(model)
+        return model(example)
+
+    memopt.optimize_memory(grouped, _Piece, forward, level=1, checkpoint_budget="memory", compress=True)
+    functional.reset_net(grouped)
+    return grouped
+
+
+def checkpoint_block(block: fx.GraphModule, binary_input: bool) -> nn.Sequential:
+    """A block's modules as memopt checkpoints, one per piece of :func:`_split_at_neurons` (method ``e``).
+
+    With the strategy each block's backward follows its forward at once, so checkpointing a whole block
+    saves nothing: its recomputation holds what its forward would have. A piece's input is compressed to
+    one bit per value when it is a neuron's output (or, for the first block, the binary event frames); SEW
+    blocks (``cnf='ADD'``) emit sums of spikes, so the piece after one is checkpointed uncompressed.
+    """
+    nodes = [node for node in block.graph.nodes if node.op not in ("placeholder", "output")]
+    if any(node.op != "call_module" for node in nodes):
+        raise ValueError("checkpoint_block needs a block made of modules only (no functional glue)")
+    pieces = _split_at_neurons([block.get_submodule(str(node.target)) for node in nodes])
+    wrapped = []
+    for i, piece in enumerate(pieces):
+        binary = binary_input if i == 0 else isinstance(pieces[i - 1][-1], neuron.BaseNode)
+        compressor = memopt.BitSpikeCompressor() if binary else None
+        wrapped.append(memopt.checkpoint_module(nn.Sequential(*piece), compressor=compressor))
+    return nn.Sequential(*wrapped)
+
+
+class _CheckpointBlocks(Callback):
+    """Method ``e``: replace each block of the strategy's partition by :func:`checkpoint_block` of it.
+
+    This reaches into the strategy after its setup because the partitioner cannot take a network that is
+    already wrapped by ``memopt.checkpoint_module``: torch.fx traces into the wrapper and fails (see
+    docs/benchmarks.md). The replacement runs the same modules with the same parameters.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        strategy = trainer.strategy
+        assert isinstance(strategy, TruncatedLocalBPTT) and strategy.partition is not None
+        for block in strategy.partition.blocks:
+            block.module = checkpoint_block(block.module, binary_input=block.index == 0)
+
+
+class _BatchTimer(Callback):
+    """Wall and CPU seconds from ``on_train_batch_start`` to ``on_train_batch_end`` of every batch."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: list[tuple[float, float]] = []
+        self._start = (0.0, 0.0)
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        self.sync()
+        self._start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.sync()
+        self.seconds.append((time.perf_counter() - self._start[0], time.process_time() - self._start[1]))
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+
+@dataclass
+class Run:
+    """What one training run leaves: ``(wall, cpu)`` seconds per batch, and the objects to measure."""
+
+    seconds: list[tuple[float, float]]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+
+def train(method: Method, w: Workload, batches: Batches, device: torch.device, seed: int = 0) -> Run:
+    """Train ``method`` on ``batches`` from the same initial weights; time each batch."""
+    net = build_network(w, seed)
+    loader = DataLoader(batches, batch_size=None)
+    if method.kind == "d":
+        net = memopt_network(net, batches[0][0][:2].transpose(0, 1))
+    if method.kind in ("a", "d"):
+        return _train_plain(net, w, loader, device)
+    return _train_lightning(method, net, w, loader, device)
+
+
+def _train_plain(net: nn.Module, w: Workload, loader: DataLoader, device: torch.device) -> Run:
+    """The loop of a SpikingJelly user: reset, forward over all T, loss on the mean output, backward, step.
+
+    The step is a function, as in most training scripts: its locals (the output sequence and the loss,
+    whose graph holds tens of thousands of autograd nodes here) die with it. Written inline, they live on
+    into the next forward, and with glibc's default heap trimming that made the step up to 1.4x slower here.
+    """
+    net.to(device)
+    optimizer = _optimizer(w, net.parameters())
+    sync = _sync(device)
+
+    def step(x: Tensor, y: Tensor) -> None:
+        functional.reset_net(net)
+        out_seq = net(x.transpose(0, 1))  # [B, T, ...] -> [T, B, ...]
+        loss = _loss(w, out_seq, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    seconds = []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        sync()
+        start = (time.perf_counter(), time.process_time())
+        step(x, y)
+        sync()
+        seconds.append((time.perf_counter() - start[0], time.process_time() - start[1]))
+    functional.reset_net(net)
+    return Run(seconds, list(net.parameters()), optimizer)
+
+
+def _train_lightning(method: Method, net: nn.Module, w: Workload, loader: DataLoader, device: torch.device) -> Run:
+    module = SpikingClassifier(net, loss=w.loss, optimizer=w.optimizer, lr=w.lr, lr_step_epochs=0)
+    timer = _BatchTimer(_sync(device))
+    callbacks: list[Callback] = [timer]
+    strategy: Any = "auto"
+    if method.kind != "aL":
+        assert method.k is not None and method.n is not None
+        strategy = TruncatedLocalBPTT(k=method.k, n=method.n, loss=w.loss)
+        if method.kind == "e":
+            callbacks.append(_CheckpointBlocks())
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator=device.type,
+        devices=1,
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    return Run(timer.seconds, list(module.parameters()), trainer.optimizers[0])
+
+
+def state_bytes(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+    """Parameters, one gradient per trainable parameter, and the optimizer's state, in bytes.
+
+    Gradients are counted from the parameters rather than read from ``.grad``: the strategy sets them to
+    ``None`` after every step, the plain loop keeps them, and both hold them at the optimizer step.
+    """
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    states = sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)
+    )
+    return weights + grads + states
+
+
+class TensorMemoryMeter(TorchDispatchMode):
+    """Live and peak bytes of every tensor storage that an op allocates while the context is active.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``: activations, the transients of forward and
+    backward, gradients, optimizer state and parameters created inside the context, each storage counted
+    from its allocation to its release. :class:`SavedTensorsMeter` sees only what autograd saves through
+    its hooks, and saved-tensor hooks do not nest: inside ``torch.utils.checkpoint`` (which memopt uses)
+    only the checkpoint's own hooks run, so that meter misses everything a checkpointed region stores and
+    recomputes, and it never sees the transients that set the peak. An op's output that shares an input's
+    storage (a view, an in-place op) allocates nothing and is not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _release(self, nbytes: int, _: weakref.ref) -> None:
+        self.current_bytes -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            if id(storage) in inputs or storage in self._storages:
+                continue
+            nbytes = storage.nbytes()
+            self._storages[storage] = weakref.ref(storage, lambda ref, n=nbytes: self._release(n, ref))
+            self.current_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        return out
+
+
+@dataclass
+class Memory:
+    """Peak memory of one method over a short training run (see :func:`measure_memory`), in bytes."""
+
+    saved: int
+    state: int
+    tensors: int
+    input_batch: int
+    rss_delta: int
+    cuda_max: int | None
+
+    @property
+    def saved_plus_state(self) -> int:
+        """The issue's CPU definition: peak saved activations plus parameters, gradients, optimizer state."""
+        return self.saved + self.state
+
+    @property
+    def peak(self) -> int:
+        """The figure compared between methods: CUDA's allocator peak, else the peak of all live tensors."""
+        return self.cuda_max if self.cuda_max is not None else self.tensors
+
+
+def _measure(method: Method, w: Workload, device: torch.device, n_batches: int) -> Memory:
+    batches = make_batches(w, n_batches)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with SavedTensorsMeter() as saved, TensorMemoryMeter() as tensors:
+        run = train(method, w, batches, device)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return Memory(
+        saved=saved.peak_bytes,
+        state=state_bytes(run.params, run.optimizer),
+        tensors=tensors.peak_bytes,
+        input_batch=batches[0][0].numel() * batches[0][0].element_size(),
+        rss_delta=(rss_after - rss_before) * 1024,  # Linux reports kilobytes
+        cuda_max=torch.cuda.max_memory_allocated() if cuda else None,
+    )
+
+
+def _in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """Run ``function(*args)`` in a fresh child process and return its result.
+
+    Every run then starts from the same process state: the allocator's heap, oneDNN's caches, Lightning's
+    process group and thread settings of one run cannot leak into the next (a DDP-based strategy, for one,
+    leaves a process group behind). A forked child starts at once with this process's small heap; CUDA
+    needs a spawned one.
+    """
+    context = mp.get_context("spawn" if torch.cuda.is_available() else "fork")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def measure_memory(method: Method, w: Workload, device: torch.device, n_batches: int = 1) -> Memory:
+    """Peak memory of ``method`` over ``n_batches`` training batches, in a fresh child process.
+
+    Three figures (see docs/benchmarks.md): ``tensors``, the peak of all live tensors (the CPU counterpart
+    of CUDA's ``max_memory_allocated``, which is taken instead on CUDA); ``saved + state``, the issue's CPU
+    definition, blind inside checkpoints; and ``rss_delta``, the growth of the child's resident-set
+    high-water mark during training, which adds the allocator's, oneDNN's and Lightning's own memory. The
+    input batch is data, made before the meters start, and is reported apart.
+    """
+    return _in_child(_measure, method, w, device, n_batches)
+
+
+@dataclass
+class Speed:
+    """Per-round median ``(wall, cpu)`` seconds per batch of each method, from :func:`measure_speed`."""
+
+    rounds: dict[Method, list[tuple[float, float]]]
+
+    def samples_per_s(self, method: Method, batch: int, clock: int = 0) -> float:
+        return batch / statistics.median(r[clock] for r in self.rounds[method])
+
+    def ratio(self, method: Method, base: Method, clock: int = 0) -> float:
+        """Speed of ``method`` over ``base``: the median over rounds of their time ratio in that round."""
+        pairs = zip(self.rounds[base], self.rounds[method], strict=True)
+        return statistics.median(b[clock] / m[clock] for b, m in pairs)
+
+
+def _time(method: Method, w: Workload, device: torch.device, timed: int) -> tuple[float, float]:
+    timings = train(method, w, make_batches(w, 1 + timed), device).seconds[1:]
+    return statistics.median(t[0] for t in timings), statistics.median(t[1] for t in timings)
+
+
+def measure_speed(methods: Sequence[Method], w: Workload, device: torch.device, rounds: int, timed: int) -> Speed:
+    """Time every method ``rounds`` times, interleaved, rotating the order each round, one child per run.
+
+    Each run is a fresh training of ``1 + timed`` batches; the first is a warm-up (lazy layers, oneDNN
+    primitive caches, the strategy's first-batch checks) and is not timed. Wall time is what a user waits;
+    CPU time (user + system of the process) is given too, since on a shared machine it does not count the
+    time other jobs hold the cores.
+    """
+    result = Speed({m: [] for m in methods})
+    for r in range(rounds):
+        shift = r % len(methods)
+        for method in [*methods[shift:], *methods[:shift]]:
+            wall, cpu = _in_child(_time, method, w, device, timed)
+            result.rounds[method].append((wall, cpu))
+            print(f"  round {r + 1}/{rounds}  {method.label:<32} {wall:7.3f} s wall {cpu:7.3f} s cpu", flush=True)
+    return result
+
+
+def configure(threads: int, trim_heap: bool) -> str:
+    """Set the thread count and the allocator for every run of this process; returns a description.
+
+    ``threads``: Lightning's DDP launcher, which the strategy inherits, calls ``torch.set_num_threads(cpu
+    count)`` unless ``OMP_NUM_THREADS`` is set, even on one device, so without the variable the strategy's
+    runs would not use the thread count the others use. On a machine shared with other jobs, one thread per
+    process is also far steadier than two (threads that wait for each other at every op while the cores are
+    taken ran 8-10x slower here).
+
+    ``trim_heap=False`` stops glibc from returning freed heap memory to the OS between training steps. By
+    default glibc trims the heap and moves its mmap threshold as blocks are freed, so whether a step's
+    tensors are faulted in from the OS again (minor page faults, kernel time) depends on incidental
+    allocations: the same BPTT step ran up to 1.4x slower in one loop than in another with ten times the
+    page faults. Fixed thresholds (blocks up to 32 MiB from a heap that is never trimmed, larger ones
+    mmapped as by default) give every method the same allocator, so the tables compare training methods.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    path = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(path) if path else None
+    if trim_heap or libc is None or not hasattr(libc, "mallopt"):
+        return f"{threads} thread(s), glibc malloc defaults"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 32 * MiB) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        return f"{threads} thread(s), glibc malloc defaults (mallopt refused)"
+    return f"{threads} thread(s), malloc: no heap trimming, mmap above 32 MiB"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def workload_fields(w: Workload) -> dict[str, Any]:
+    """The workload as CSV columns."""
+    return {k: v for k, v in asdict(w).items() if k != "settings"}
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table; ``columns`` are ``(key, header, format spec)``, ``None`` cells print as ``-``."""
+    cells = [[format(row[key], spec) if row[key] is not None else "-" for key, _, spec in columns] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(values))
+
+    header = line([h for _, h, _ in columns])
+    return "\n".join([header, "-" * len(header), *(line(c) for c in cells)])
+
+
+def quiet() -> None:
+    """Keep Lightning's per-fit banners and its known harmless warnings out of the output."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"lightning\..*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
