@@ -147,3 +147,17 @@ def test_small_real_sweep_on_offline_digits_and_its_report(tmp_path):
     assert [float(r["cost/fom"]) for r in rows] == pytest.approx([t["metrics"]["cost/fom"] for t in trials])
     assert all((out / f"{name}.png").is_file() for name in ("accuracy_vs_k", "memory_vs_k", "costs_vs_k", "fom"))
     assert f"{trials[0]['metrics']['cost/fom']:.4g}" in (out / "results.md").read_text()
+
+
+def test_trials_log_as_offline_wandb_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    from lightning_tlbptt.sweeps import paper_trial
+
+    params = {"k": 2, "n": 1, "T": 2, "batch_size": 16, "limit_train_batches": 1, "limit_val_batches": 1}
+    trial_dir = tmp_path / "trial-000"
+    trial_dir.mkdir()
+    metrics = paper_trial("mnist5k", logger="wandb")(params, trial_dir)
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    runs = list(trial_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert list((tmp_path / "reference").glob("wandb/offline-run-*/run-*.wandb"))  # the BPTT reference run
