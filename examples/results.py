@@ -91,9 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-        # Lightning's DDP launcher, which TruncatedLocalBPTT uses even on one device, resets the thread count
-        # to the core count unless OMP_NUM_THREADS is set: without this the two methods would not be timed alike.
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     settings = [tuple(int(v) for v in s.split(",")) for s in (args.setting or ["10,1", "5,2", "2,1"])]
 
     start = time.perf_counter()

@@ -18,7 +18,15 @@ from lightning.pytorch.core.saving import load_hparams_from_yaml
 from lightning_tlbptt import TruncatedLocalBPTT
 from lightning_tlbptt.data import DATASETS
 from lightning_tlbptt.models import MODELS
-from lightning_tlbptt.paper import PaperClassifier, _make_logger, build_cli, fit_main, paper_setting, train_main
+from lightning_tlbptt.paper import (
+    PaperClassifier,
+    _make_logger,
+    build_cli,
+    fit_main,
+    paper_setting,
+    train_command,
+    train_main,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = EXAMPLES / "configs"
@@ -136,6 +144,7 @@ def test_bad_values_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         build_cli(["--config", MNIST5K, "--model.model=lenet9"], run=False)
     with pytest.raises(ValueError, match="unknown dataset 'mnist'; available datasets: cifar10"):
         train_main("mnist", [])
+    assert train_command(["mnist"]) == 2  # usage, naming the datasets
     with pytest.raises(SystemExit):
         train_main("mnist5k", ["--download"])  # nothing to download: an argparse error
     with pytest.raises(ValueError, match="k must be a positive int, got 0"):

@@ -273,3 +273,14 @@ def test_a_module_can_be_fitted_again(make_trainer):
     trainer = make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1), max_epochs=1)
     trainer.fit(module, loader)
     assert module.local_classifiers is classifiers and trainer.global_step == 2
+
+
+def test_loss_defaults_to_the_modules_own(make_trainer):
+    from lightning_tlbptt import rate_cross_entropy, rate_mse
+
+    strategy = TruncatedLocalBPTT(k=2, n=1)
+    make_trainer(strategy=strategy, max_steps=1).fit(SpikingClassifier(conv_net(), loss="ce"), event_batches())
+    assert strategy.loss_fn is rate_cross_entropy
+    strategy = TruncatedLocalBPTT(k=2, n=1)
+    make_trainer(strategy=strategy, max_steps=1).fit(TimeMajorModule(), event_batches())  # no loss_fn: Eq. 3
+    assert strategy.loss_fn is rate_mse

@@ -13,6 +13,7 @@ from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.models import MODELS, PaperNeuron, build_model
 from lightning_tlbptt.module import SpikingClassifier
+from lightning_tlbptt.paper import PaperClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, partition
 from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
@@ -24,6 +25,7 @@ __all__ = [
     "LocalClassifier",
     "MemoryMonitor",
     "OpCounterMonitor",
+    "PaperClassifier",
     "PaperNeuron",
     "Partition",
     "PartitionError",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -201,14 +202,18 @@ def build_cli(argv: list[str] | None = None, *, run: bool = True) -> LightningCL
     with ``init_args``, the registered name ``tlbptt``, or ``auto`` (plain BPTT). The optimizer is the
     model's (the paper's SGD or Adam with its step decay), so LightningCLI's own ``--optimizer`` is off.
     """
-    return LightningCLI(
-        PaperClassifier,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        args=argv,
-        run=run,
-    )
+    with warnings.catch_warnings():
+        # `tlbptt fit ...` passes its own command line on as `argv`: Lightning's warning against giving `args`
+        # while sys.argv holds arguments too is about two different command lines, which this is not.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return LightningCLI(
+            PaperClassifier,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=argv,
+            run=run,
+        )
 
 
 def fit_main(argv: list[str] | None = None) -> int:
@@ -268,18 +273,22 @@ def train_main(dataset: str, argv: list[str] | None = None, *, k: int = 5, n: in
     hyper.add_argument("--T", type=int, default=spec.n_steps, help="time steps (event data: frames per sample)")
     hyper.add_argument("--epochs", type=int, default=100, help="training epochs (the paper: 100)")
     hyper.add_argument("--seed", type=int, default=0, help="seed of the weights and the shuffling")
-    run = parser.add_argument_group("run")
-    run.add_argument("--data-dir", default="data", help="dataset root (EventMNIST: its cache)")
-    run.add_argument("--download", action="store_true", help="let the data module download missing files")
-    run.add_argument("--logger", choices=("csv", "wandb"), default="csv", help="wandb honours WANDB_MODE=offline")
-    run.add_argument("--log-dir", default="logs", help="logs and checkpoints, under <log-dir>/<run name>")
-    run.add_argument("--accelerator", default="auto", help="cpu, gpu, ... or auto")
-    run.add_argument("--devices", default="auto", help="a count, a list like 0,1, or auto (as Trainer reads it)")
-    run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    run.add_argument("--log-every-n-steps", type=int, default=50, help="training batches between logged rows")
-    run.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    run.add_argument("--limit-train-batches", type=_count_or_fraction, default=None, help="batches, or a fraction: 0.1")
-    run.add_argument("--limit-val-batches", type=_count_or_fraction, default=None, help="batches, or a fraction: 0.1")
+    runtime = parser.add_argument_group("run")
+    runtime.add_argument("--data-dir", default="data", help="dataset root (EventMNIST: its cache)")
+    runtime.add_argument("--download", action="store_true", help="let the data module download missing files")
+    runtime.add_argument("--logger", choices=("csv", "wandb"), default="csv", help="wandb honours WANDB_MODE=offline")
+    runtime.add_argument("--log-dir", default="logs", help="logs and checkpoints, under <log-dir>/<run name>")
+    runtime.add_argument("--accelerator", default="auto", help="cpu, gpu, ... or auto")
+    runtime.add_argument("--devices", default="auto", help="a count, a list like 0,1, or auto (as Trainer reads it)")
+    runtime.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    runtime.add_argument("--log-every-n-steps", type=int, default=50, help="training batches between logged rows")
+    runtime.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    runtime.add_argument(
+        "--limit-train-batches", type=_count_or_fraction, default=None, help="batches, or a fraction: 0.1"
+    )
+    runtime.add_argument(
+        "--limit-val-batches", type=_count_or_fraction, default=None, help="batches, or a fraction: 0.1"
+    )
     args = parser.parse_args(argv)
 
     accepted = inspect.signature(spec.datamodule).parameters

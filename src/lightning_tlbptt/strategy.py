@@ -63,7 +63,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         n: hidden layers per block; ``n >= number of hidden layers`` gives one block (no local loss).
         classifier: ``"trainable"`` local classifiers, or ``"random"`` (frozen, from ``seed``).
         loss: ``"mse"`` (Eq. 3, firing rate against one-hot), ``"ce"`` or a callable
-            ``(out_seq [k, B, C], target) -> scalar``, used for every block.
+            ``(out_seq [k, B, C], target) -> scalar``, used for every block. Defaults to the module's
+            ``loss_fn`` attribute if it has one (as :class:`SpikingClassifier` does), else ``"mse"``.
         network: attribute name of the network in the LightningModule; by default the one child
             holding SpikingJelly neurons.
         batch_layout: ``"BT"`` (``[B, T, ...]``, tonic's layout) or ``"TB"``. Defaults to the module's
@@ -85,7 +86,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         n: int = 2,
         *,
         classifier: ClassifierKind = "trainable",
-        loss: Literal["mse", "ce"] | LocalLoss = "mse",
+        loss: Literal["mse", "ce"] | LocalLoss | None = None,
         network: str | None = None,
         batch_layout: BatchLayout | None = None,
         T: int | None = None,
@@ -107,7 +108,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self.k = k
         self.n = n
         self.classifier = classifier
-        self.loss_fn = resolve_loss(loss)
+        self.loss_fn: LocalLoss | None = None if loss is None else resolve_loss(loss)
         self.network = network
         self.batch_layout = batch_layout
         self.T = T
@@ -164,6 +165,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         name, self._net = find_network(module, self.network, exclude=(CLASSIFIERS_ATTR,))
         self.partition = partition(self._net, self.n)
         self._check_module_agrees(module)
+        if self.loss_fn is None:
+            self.loss_fn = resolve_loss(getattr(module, "loss_fn", None) or "mse")
         if not hasattr(module, CLASSIFIERS_ATTR):
             module.add_module(CLASSIFIERS_ATTR, self._make_classifiers())
         if trainer.gradient_clip_val:
@@ -212,6 +215,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         functional.reset_net(self._net)
         functional.reset_net(classifiers)
         blocks = self.partition.blocks
+        loss_fn = self.loss_fn
+        assert loss_fn is not None
         block_losses = torch.zeros(len(blocks), device=x.device)
         out_sum: Tensor | None = None
         n_chunks = 0
@@ -224,7 +229,7 @@ class TruncatedLocalBPTT(DDPStrategy):
                     readout = out if block.is_last else classifiers[block.index](out)
                     if readout.dim() == 2:  # the network averages over time itself
                         readout = readout.unsqueeze(0)
-                    loss = self.loss_fn(readout, target)
+                    loss = loss_fn(readout, target)
                 module.manual_backward(loss)
                 losses.append(loss.detach())
                 h = out.detach()
