@@ -14,7 +14,12 @@ HERE = Path(__file__).parent
 
 
 def _run(out: Path, mode: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        # two ranks on a small shared machine: one thread each, or gloo's ranks starve each other
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
         [sys.executable, str(HERE / "ddp_run.py"), str(out), mode], env=env, capture_output=True, text=True, timeout=600
     )
