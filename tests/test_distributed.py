@@ -14,8 +14,12 @@ HERE = Path(__file__).parent
 
 
 def _run(out: Path, mode: str) -> None:
+    # earlier one-device runs in this process leave MASTER_ADDR/MASTER_PORT set (their gloo store may still hold
+    # the port): let the 2-process run pick its own, as a fresh user process would
+    inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
+    inherited = {k: v for k, v in inherited.items() if "RANK" not in k}
     env = {
-        **os.environ,
+        **inherited,
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
         # two ranks on a small shared machine: one thread each, or gloo's ranks starve each other
         "OMP_NUM_THREADS": "1",
