@@ -29,7 +29,7 @@ from lightning_tlbptt.data import DATASETS, DatasetSpec
 from lightning_tlbptt.layout import BatchLayout
 from lightning_tlbptt.models import PaperNeuron, build_model
 from lightning_tlbptt.module import SpikingClassifier
-from lightning_tlbptt.strategy import CLASSIFIERS_ATTR, TruncatedLocalBPTT
+from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
 __all__ = ["PaperClassifier", "build_cli", "fit_main", "paper_setting", "train_command", "train_main"]
 
@@ -109,18 +109,6 @@ class PaperClassifier(SpikingClassifier):
         # SpikingClassifier leaves `loss` out (it may be a callable there); here it is a name, and every
         # argument is needed to rebuild the network from a checkpoint.
         self.save_hyperparameters()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the local classifiers of a TruncatedLocalBPTT checkpoint unless this module trains with them.
-
-        They are added to the module by the strategy only while it trains, and inference does not use them;
-        without this, ``validate``/``test`` with ``--ckpt_path`` and ``load_from_checkpoint`` would refuse the
-        checkpoint for its unexpected keys (Lightning loads strictly).
-        """
-        if not hasattr(self, CLASSIFIERS_ATTR):
-            prefix = f"{CLASSIFIERS_ATTR}."
-            state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {key: value for key, value in state.items() if not key.startswith(prefix)}
 
     def setup(self, stage: str) -> None:
         """Check that the data module fits the network before any batch is drawn.
