@@ -19,6 +19,7 @@ from spikingjelly.activation_based import functional
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_tlbptt import neurons
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.layout import BatchLayout, to_time_major
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
@@ -74,6 +75,10 @@ class TruncatedLocalBPTT(DDPStrategy):
         unpack_batch: ``batch -> (x, target)``; default: ``batch[0], batch[1]``.
         classifier_pool: spatial size the local classifiers pool feature maps down to.
         seed: seed of the local classifiers' initial weights.
+        fast_neurons: during ``fit``, run SpikingJelly ``LIFNode`` neurons with the rectangular surrogate (the paper's
+            neuron) through :class:`~lightning_tlbptt.neurons.RectLIFFunction`: the same spikes bit for bit and
+            the same gradients up to float rounding, one bool saved per neuron-step instead of a float, and about
+            2x faster on CPU than SpikingJelly's reference loop. Other neurons are left as they are.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``,
             ``process_group_backend``, ``timeout``, ...).
     """
@@ -93,6 +98,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         unpack_batch: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
         classifier_pool: int = 4,
         seed: int = 0,
+        fast_neurons: bool = True,
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
@@ -115,6 +121,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self.unpack_batch = unpack_batch
         self.classifier_pool = classifier_pool
         self.seed = seed
+        self.fast_neurons = fast_neurons
         self.partition: Partition | None = None
         self._net: nn.Module | None = None
         self._clip: tuple[float, str] | None = None
@@ -169,6 +176,10 @@ class TruncatedLocalBPTT(DDPStrategy):
             self.loss_fn = resolve_loss(getattr(module, "loss_fn", None) or "mse")
         if not hasattr(module, CLASSIFIERS_ATTR):
             module.add_module(CLASSIFIERS_ATTR, self._make_classifiers())
+        if self.fast_neurons:
+            # after the classifiers are made: they copy the network's neurons, and must not copy the kernel
+            neurons.accelerate(self._net)
+            neurons.accelerate(getattr(module, CLASSIFIERS_ATTR))
         if trainer.gradient_clip_val:
             if isinstance(trainer.precision_plugin, MixedPrecision) and trainer.precision_plugin.scaler is not None:
                 raise MisconfigurationException(
@@ -189,6 +200,13 @@ class TruncatedLocalBPTT(DDPStrategy):
             f"{type(module).__name__}.training_step; network {name!r}: {len(self.partition.layers)} layers "
             f"in {len(blocks)} block(s): " + " | ".join(",".join(b.names) for b in blocks)
         )
+
+    @override
+    def teardown(self) -> None:
+        # The kernel is this strategy's, not the user's network's: hand the network back as it came.
+        if self.lightning_module is not None:
+            neurons.restore(self.lightning_module)
+        super().teardown()
 
     @override
     def configure_ddp(self) -> None:

@@ -1,0 +1,197 @@
+"""A lean multi-step kernel for SpikingJelly's LIF neuron with the rectangular surrogate (the paper's neuron).
+
+SpikingJelly 2.0 has fused kernels for its smooth surrogates but runs ``surrogate.Rect`` (Eq. 6 of the paper) through
+its PyTorch reference: a Python loop over ``T`` that records five autograd nodes per step, saves the float
+``h - v_threshold`` of every neuron-step for the surrogate, and builds the spike sequence twice (a list of steps, then
+``torch.stack``). That neuron kernel, not the training method, sets most of truncated training's peak memory.
+
+The rectangular surrogate's derivative is ``alpha`` inside a window and 0 outside, so one byte per neuron-step (inside
+the window or not) is all its backward needs: :class:`RectLIFFunction` saves that instead of a float (4x less),
+writes spikes straight into the output and walks back through time in one loop without an autograd graph. Its spikes
+and final voltage are bit-identical to SpikingJelly's and its gradients equal them up to float rounding
+(``tests/test_neurons.py``).
+
+:func:`accelerate` installs the kernel on the ``LIFNode`` instances of a network that SpikingJelly would run through
+its reference path; :class:`~lightning_tlbptt.strategy.TruncatedLocalBPTT` does so for the duration of each
+``fit`` (its ``fast_neurons`` argument).
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Any
+
+import torch
+from spikingjelly.activation_based import neuron, surrogate
+from torch import Tensor, nn
+
+__all__ = ["RectLIFFunction", "accelerate", "is_accelerated", "restore", "supports"]
+
+_ORIGINAL = "_tlbptt_accelerated"
+# Set on a node while the kernel is installed on it; holds nothing but marks the instance-level override.
+
+
+class RectLIFFunction(torch.autograd.Function):
+    """Multi-step LIF with the rectangular surrogate: ``(x_seq [T, ...], v [...]) -> (spike_seq [T, ...], v [...])``.
+
+    Computes what ``spikingjelly.activation_based.functional.lif_multi_step`` computes with
+    ``surrogate.Rect(alpha)``, in the same floating-point operations (so spikes and voltages match bit for bit).
+    Saves for backward, per step: the surrogate window ``|h - v_threshold| < 0.5 / alpha`` as int8; with a hard
+    reset also the spikes as int8, and ``h`` as floats when the reset is not detached (its gradient
+    ``(v_reset - h) * sg`` needs the value). Nothing is saved when ``record`` is false (no gradient wanted).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x_seq: Tensor,
+        v: Tensor,
+        tau: float,
+        decay_input: bool,
+        v_threshold: float,
+        v_reset: float | None,
+        alpha: float,
+        detach_reset: bool,
+        record: bool,
+    ) -> tuple[Tensor, Tensor]:
+        # Masks are computed into float scratch and stored as int8: comparisons writing bool (or reading it in
+        # masked_fill_/where) run several times slower than float ops on CPU, and int8 costs the same byte.
+        # What backward needs is kept per step, not in [T, ...] tensors: small blocks are reused from the heap,
+        # while blocks past glibc's mmap threshold (32 MiB at most) are fresh pages to fault in at every batch.
+        spike_seq = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
+        hard = v_reset is not None
+        windows: list[Tensor] = []
+        fired: list[Tensor] = []
+        h_seq: list[Tensor] = []
+        half_width = 0.5 / alpha
+        v = v.clone(memory_format=torch.contiguous_format)
+        h, scratch = torch.empty_like(v), torch.empty_like(v)
+        for t in range(x_seq.shape[0]):
+            # Charge as spikingjelly._ops.lif.reference.charge writes it, op for op, for bit-identical voltages
+            # (subtracting a soft reset's 0.0 changes no bits, so it is skipped).
+            relative = torch.sub(v, v_reset, out=scratch) if hard else v
+            if decay_input:
+                torch.sub(x_seq[t], relative, out=h).div_(tau).add_(v)
+            else:
+                torch.sub(v, torch.div(relative, tau, out=scratch), out=h).add_(x_seq[t])
+            spike = spike_seq[t]
+            # heaviside(h - v_threshold) as the surrogate's forward: the sign of an IEEE difference is exact
+            torch.ge(h, v_threshold, out=spike)
+            torch.lt(torch.sub(h, v_threshold, out=scratch).abs_(), half_width, out=scratch)
+            if record:
+                windows.append(scratch.to(torch.int8))
+            if not hard:
+                torch.sub(h, spike, alpha=v_threshold, out=v)
+                continue
+            if record:
+                fired.append(spike.to(torch.int8))
+                if not detach_reset:
+                    h_seq.append(h.clone())
+            torch.add(spike * v_reset, (1.0 - spike) * h, out=v)
+        ctx.save_for_backward(*windows, *fired, *h_seq)
+        ctx.config = (x_seq.shape[0], tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
+        return spike_seq, v
+
+    @staticmethod
+    def backward(ctx: Any, grad_spike_seq: Tensor | None, grad_v: Tensor | None) -> tuple[Tensor | None, ...]:
+        steps, tau, decay_input, v_threshold, v_reset, alpha, detach_reset = ctx.config
+        saved = ctx.saved_tensors
+        windows, fired, h_seq = saved[:steps], saved[steps : 2 * steps], saved[2 * steps :]
+        if grad_spike_seq is None:
+            grad_spike_seq = torch.zeros((steps, *windows[0].shape), dtype=torch.float32, device=windows[0].device)
+        grad_x_seq = torch.empty_like(grad_spike_seq, memory_format=torch.contiguous_format)
+        carry = torch.zeros_like(grad_x_seq[0]) if grad_v is None else grad_v.clone()
+        scratch = torch.empty_like(carry)
+        keep = 1.0 - 1.0 / tau
+        for t in range(steps - 1, -1, -1):
+            grad = grad_x_seq[t]  # dL/ds_t first, then dL/dh_t, then dL/dx_t: no buffer of its own
+            # dL/ds_t: the output's gradient plus, unless the reset is detached, the reset's dependence on s_t
+            if detach_reset:
+                grad.copy_(grad_spike_seq[t])
+            elif v_reset is None:
+                torch.add(grad_spike_seq[t], carry, alpha=-v_threshold, out=grad)
+            else:
+                torch.addcmul(grad_spike_seq[t], carry, v_reset - h_seq[t], out=grad)
+            grad.mul_(scratch.copy_(windows[t]))  # the surrogate: alpha inside the window, 0 outside
+            if v_reset is not None:
+                carry.mul_(scratch.copy_(fired[t]).neg_().add_(1.0))  # dv_t/dh_t = 1 - s_t
+            torch.add(carry, grad, alpha=alpha, out=grad)
+            torch.mul(grad, keep, out=carry)
+            if decay_input:
+                grad.div_(tau)
+        return grad_x_seq, carry, None, None, None, None, None, None, None
+
+
+def supports(node: nn.Module) -> str | None:
+    """Why :func:`accelerate` leaves ``node`` to SpikingJelly, or ``None`` when the kernel applies.
+
+    The kernel covers ``neuron.LIFNode`` itself and subclasses that keep its step functions, with
+    ``surrogate.Rect`` (spiking, a float ``alpha``), without ``store_v_seq`` or a neuron precision setting.
+    """
+    if not isinstance(node, neuron.LIFNode):
+        return "not a LIFNode"
+    if (
+        type(node).multi_step_forward is not neuron.LIFNode.multi_step_forward
+        or type(node).single_step_functional_forward is not neuron.LIFNode.single_step_functional_forward
+        or type(node).multi_step_functional_forward is not neuron.LIFNode.multi_step_functional_forward
+    ):
+        return "its class overrides LIFNode's step functions"
+    function = node.surrogate_function
+    if type(function) is not surrogate.Rect or not function.spiking or not isinstance(function.alpha, (int, float)):
+        return "its surrogate is not surrogate.Rect (SpikingJelly has fused kernels for its smooth surrogates)"
+    if node.store_v_seq:
+        return "store_v_seq=True"
+    if node._neuron_precision is not None:
+        return "it has a neuron precision setting"
+    return None
+
+
+def _multi_step_forward(self: neuron.LIFNode, x_seq: Tensor, *args: Tensor, **kwargs: object) -> Tensor:
+    inputs = (x_seq, *args)
+    (v,) = self.materialize_states(inputs, tuple(self._memories.values()), "m")
+    if args or kwargs or x_seq.dtype != torch.float32 or v.dtype != torch.float32 or x_seq.shape[0] == 0:
+        # Mixed precision and unusual calls keep SpikingJelly's own path.
+        return type(self).multi_step_forward(self, x_seq, *args, **kwargs)
+    spike_seq, v = RectLIFFunction.apply(
+        x_seq,
+        v,
+        self.tau,
+        self.decay_input,
+        self.v_threshold,
+        self.v_reset,
+        float(self.surrogate_function.alpha),
+        self.detach_reset,
+        torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad),  # else nothing to save (evaluation)
+    )
+    self._memories["v"] = v
+    return spike_seq
+
+
+def accelerate(net: nn.Module) -> list[nn.Module]:
+    """Run the multi-step forward of every supported ``LIFNode`` in ``net`` through :class:`RectLIFFunction`.
+
+    The override is per instance (the class and other networks are untouched) and undone by :func:`restore`.
+    Single-step mode (``step_mode='s'``) and inputs other than float32 keep SpikingJelly's path. Returns the nodes
+    it was installed on.
+    """
+    installed = []
+    for module in net.modules():
+        if is_accelerated(module) or supports(module) is not None:
+            continue
+        module.multi_step_forward = MethodType(_multi_step_forward, module)
+        setattr(module, _ORIGINAL, True)
+        installed.append(module)
+    return installed
+
+
+def restore(net: nn.Module) -> None:
+    """Undo :func:`accelerate` on every node of ``net``."""
+    for module in net.modules():
+        if is_accelerated(module):
+            del module.multi_step_forward
+            delattr(module, _ORIGINAL)
+
+
+def is_accelerated(module: nn.Module) -> bool:
+    """Whether :func:`accelerate` installed the kernel on ``module``."""
+    return getattr(module, _ORIGINAL, False)

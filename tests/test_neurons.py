@@ -1,0 +1,176 @@
+"""The Rect LIF kernel against SpikingJelly's own LIFNode: same spikes, same gradients, less saved memory."""
+
+from __future__ import annotations
+
+import itertools
+
+import lightning as L
+import pytest
+import torch
+from spikingjelly.activation_based import functional, neuron, surrogate
+
+from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
+from lightning_tlbptt.neurons import accelerate, is_accelerated, restore, supports
+
+from snn_fixtures import GradRecorder, conv_net, event_batches
+
+CONFIGS = [
+    dict(tau=tau, decay_input=decay, v_threshold=0.5, v_reset=reset, detach_reset=detach)
+    for tau, decay, reset, detach in itertools.product((2.0, 5.0), (True, False), (None, 0.0, -0.2), (True, False))
+]
+
+
+def _lif(alpha: float = 2.0, **kwargs) -> neuron.LIFNode:
+    return neuron.LIFNode(surrogate_function=surrogate.Rect(alpha=alpha), step_mode="m", **kwargs)
+
+
+def _run(node: neuron.LIFNode, x: torch.Tensor, w: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Two calls carrying the state in one graph (as a chunk after a chunk), a loss on spikes and final voltage."""
+    x = x.clone().requires_grad_()
+    first = node(x)
+    second = node(0.7 * x)
+    loss = (first * w).sum() + (second * w.flip(0)).sum() + 0.3 * node.v.sum()
+    loss.backward()
+    return [first, second, node.v.detach()], x.grad
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config):
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 21) * 0.8
+    w = torch.randn(7, 3, 21)
+    reference, fast = _lif(**config), _lif(**config)
+    assert accelerate(fast) == [fast] and accelerate(reference) == [reference]
+    restore(reference)
+    ref_out, ref_grad = _run(reference, x, w)
+    fast_out, fast_grad = _run(fast, x, w)
+    for a, b in zip(ref_out, fast_out, strict=True):
+        assert torch.equal(a, b)
+    assert ref_out[0].sum() > 0 and ref_grad.abs().sum() > 0  # the comparison is not between zeros
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reaches_an_initial_voltage_that_requires_grad():
+    torch.manual_seed(1)
+    x = torch.randn(5, 4, 6)
+    start = torch.rand(4, 6) * 0.3
+    grads = []
+    for accelerated in (False, True):
+        node = _lif(tau=3.0, decay_input=False, v_reset=None, v_threshold=0.4)
+        if accelerated:
+            accelerate(node)
+        v0 = start.clone().requires_grad_()
+        node.v = v0
+        node(x).sum().backward()
+        grads.append(v0.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_saves_a_quarter_of_what_spikingjelly_saves():
+    x = (torch.randn(10, 32, 64) * 0.6).requires_grad_()
+    saved = []
+    for accelerated in (False, True):
+        node = _lif(tau=5.0, decay_input=False, v_reset=None, v_threshold=0.5)
+        if accelerated:
+            accelerate(node)
+        with SavedTensorsMeter() as meter:
+            node(x).sum().backward()
+        saved.append(meter.peak_bytes)
+    # SpikingJelly: one float (h - v_threshold) per neuron-step; the kernel: one bool
+    assert saved[1] == x.numel()
+    assert saved[1] * 4 <= saved[0]
+
+
+@pytest.mark.parametrize(
+    ("node", "reason"),
+    [
+        (neuron.LIFNode(surrogate_function=surrogate.Sigmoid(), step_mode="m"), "not surrogate.Rect"),
+        (neuron.IFNode(surrogate_function=surrogate.Rect(), step_mode="m"), "not a LIFNode"),
+        (neuron.LIFNode(surrogate_function=surrogate.Rect(), store_v_seq=True, step_mode="m"), "store_v_seq"),
+        (neuron.LIFNode(surrogate_function=surrogate.Rect(spiking=False), step_mode="m"), "not surrogate.Rect"),
+        (neuron.ParametricLIFNode(surrogate_function=surrogate.Rect(), step_mode="m"), "not a LIFNode"),
+    ],
+)
+def test_unsupported_neurons_are_left_to_spikingjelly(node, reason):
+    assert reason in supports(node)
+    assert accelerate(node) == [] and not is_accelerated(node)
+
+
+def test_restore_hands_back_spikingjelly_and_single_step_is_untouched():
+    node = _lif(tau=2.0)
+    accelerate(node)
+    assert "multi_step_forward" in vars(node)
+    restore(node)
+    assert "multi_step_forward" not in vars(node) and not is_accelerated(node)
+
+    single = _lif(tau=2.0)
+    single.step_mode = "s"
+    accelerate(single)
+    x = torch.randn(4, 5)
+    reference = _lif(tau=2.0)
+    reference.step_mode = "s"
+    assert torch.equal(single(x), reference(x))
+
+
+def test_without_grad_saves_nothing_and_spikes_equal():
+    x = torch.randn(6, 3, 5)
+    fast, reference = _lif(tau=2.0, v_threshold=0.3), _lif(tau=2.0, v_threshold=0.3)
+    accelerate(fast)
+    with torch.no_grad(), SavedTensorsMeter() as meter:
+        spikes = fast(x)
+    assert meter.peak_bytes == 0 and not spikes.requires_grad
+    assert torch.equal(spikes, reference(x)) and torch.equal(fast.v, reference.v)
+
+
+def test_half_precision_input_keeps_spikingjelly_path():
+    x = torch.randn(4, 3, 5).to(torch.bfloat16)
+    fast, reference = _lif(tau=2.0, v_threshold=0.3), _lif(tau=2.0, v_threshold=0.3)
+    accelerate(fast)
+    assert torch.equal(fast(x), reference(x)) and fast(x).dtype == torch.bfloat16
+
+
+def _fit(fast_neurons: bool, callbacks: list[L.Callback], make_trainer) -> SpikingClassifier:
+    module = SpikingClassifier(conv_net(), lr=0.1, lr_step_epochs=0)
+    strategy = TruncatedLocalBPTT(k=3, n=1, fast_neurons=fast_neurons)
+    make_trainer(strategy=strategy, max_steps=4, callbacks=callbacks).fit(module, event_batches(n=16, T=6))
+    return module
+
+
+class _SeesKernel(L.Callback):
+    def __init__(self) -> None:
+        self.accelerated: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.accelerated.append(all(is_accelerated(m) for m in pl_module.net.modules() if supports(m) is None))
+
+
+def test_strategy_trains_with_the_kernel_and_hands_the_network_back(make_trainer):
+    seen, recorder = _SeesKernel(), GradRecorder()
+    module = _fit(True, [seen, recorder], make_trainer)
+    assert seen.accelerated == [True, True]  # two batches, two chunks each
+    assert not any(is_accelerated(m) for m in module.modules())
+
+    seen_off, recorder_off = _SeesKernel(), GradRecorder()
+    _fit(False, [seen_off, recorder_off], make_trainer)
+    assert seen_off.accelerated == [False, False]
+    # same training, step for step, with either kernel
+    assert len(recorder.steps) == len(recorder_off.steps) == 4
+    for got, expected in zip(recorder.steps, recorder_off.steps, strict=True):
+        assert got.keys() == expected.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_lowers_the_strategys_saved_memory():
+    x = (torch.rand(6, 8, 1, 8, 8) < 0.3).float()
+    peaks = []
+    for fast in (False, True):
+        net = conv_net()
+        if fast:
+            accelerate(net)
+        functional.reset_net(net)
+        with SavedTensorsMeter() as meter:
+            net(x).sum().backward()
+        peaks.append(meter.peak_bytes)
+    assert peaks[1] < 0.8 * peaks[0]
