@@ -7,6 +7,8 @@ optimizer and loss, so that the only difference between two rows of a table is t
 * ``aL``: the same BPTT through a Lightning ``Trainer`` with its default strategy (what Lightning costs);
 * ``b``: ``TruncatedLocalBPTT(k=T)`` with one block: exactly BPTT, so its cost over ``a`` is the plug-in's;
 * ``c``: ``TruncatedLocalBPTT(k, n)`` at the paper's settings;
+* ``bs``, ``cs``: ``b`` and ``c`` (first setting) with ``fast_neurons=False``, i.e. SpikingJelly's own LIF loop,
+  to separate what the strategy's neuron kernel and what the method contribute;
 * ``d``: ``a`` after SpikingJelly's ``memopt.optimize_memory`` (checkpointing + spike compression, exact
   gradients);
 * ``e``: ``c`` with every block checkpointed by memopt in pieces that start at spikes, bit-compressed.
@@ -225,14 +227,15 @@ class Method:
     kind: str
     k: int | None = None
     n: int | None = None
+    fast_neurons: bool = True
 
     @property
     def label(self) -> str:
         names = {
             "a": "(a) SpikingJelly BPTT loop",
             "aL": "(a') Lightning BPTT",
-            "b": "(b) ours, k=T, one block",
-            "c": f"(c) ours, k={self.k}, n={self.n}",
+            "b": "(b) ours, k=T, one block" + ("" if self.fast_neurons else ", SJ LIF"),
+            "c": f"(c) ours, k={self.k}, n={self.n}" + ("" if self.fast_neurons else ", SJ LIF"),
             "d": "(d) BPTT + memopt",
             "e": f"(e) ours k={self.k}, n={self.n} + memopt",
         }
@@ -245,14 +248,16 @@ def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
     for kind in kinds:
         if kind == "c":
             rows += [Method("c", k, n) for k, n in w.settings]
+        elif kind == "cs":
+            rows.append(Method("c", *w.settings[0], fast_neurons=False))
         elif kind == "e":
             rows.append(Method("e", *w.settings[0]))
-        elif kind == "b":
-            rows.append(Method("b", w.T, 1 << 30))
+        elif kind in ("b", "bs"):
+            rows.append(Method("b", w.T, 1 << 30, fast_neurons=kind == "b"))
         elif kind in ("a", "aL", "d"):
             rows.append(Method(kind))
         else:
-            raise ValueError(f"unknown method {kind!r}; choose among a, aL, b, c, d, e")
+            raise ValueError(f"unknown method {kind!r}; choose among a, aL, b, bs, c, cs, d, e")
     return rows
 
 
@@ -423,7 +428,7 @@ def _train_lightning(method: Method, net: nn.Module, w: Workload, loader: DataLo
     strategy: Any = "auto"
     if method.kind != "aL":
         assert method.k is not None and method.n is not None
-        strategy = TruncatedLocalBPTT(k=method.k, n=method.n, loss=w.loss)
+        strategy = TruncatedLocalBPTT(k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons)
         if method.kind == "e":
             callbacks.append(_CheckpointBlocks())
     trainer = L.Trainer(
@@ -599,7 +604,10 @@ def measure_speed(methods: Sequence[Method], w: Workload, device: torch.device, 
     return result
 
 
-def configure(threads: int, trim_heap: bool) -> str:
+MALLOC_POLICIES = ("fixed", "glibc", "heap")
+
+
+def configure(threads: int, malloc: str = "fixed") -> str:
     """Set the thread count and the allocator for every run of this process; returns a description.
 
     ``threads``: Lightning's DDP launcher, which the strategy inherits, calls ``torch.set_num_threads(cpu
@@ -608,23 +616,37 @@ def configure(threads: int, trim_heap: bool) -> str:
     process is also far steadier than two (threads that wait for each other at every op while the cores are
     taken ran 8-10x slower here).
 
-    ``trim_heap=False`` stops glibc from returning freed heap memory to the OS between training steps. By
-    default glibc trims the heap and moves its mmap threshold as blocks are freed, so whether a step's
-    tensors are faulted in from the OS again (minor page faults, kernel time) depends on incidental
-    allocations: the same BPTT step ran up to 1.4x slower in one loop than in another with ten times the
-    page faults. Fixed thresholds (blocks up to 32 MiB from a heap that is never trimmed, larger ones
-    mmapped as by default) give every method the same allocator, so the tables compare training methods.
+    ``malloc``: how glibc serves tensor memory, which on this VM moves step times by up to 1.5x (every 4 KiB
+    page handed out fresh by the kernel costs about a microsecond to fault in):
+
+    * ``"fixed"`` (default): blocks up to 32 MiB from a heap that is never trimmed, larger ones mmapped as by
+      default (so fresh pages each time). With glibc's own moving thresholds, whether a step's tensors are
+      faulted in again depends on incidental allocations: the same BPTT step ran up to 1.4x slower in one
+      loop than in another with ten times the page faults. Fixed thresholds give every method the same rules.
+    * ``"glibc"``: glibc's defaults, what a user's process gets.
+    * ``"heap"``: no mmap at all, one heap that is never trimmed: after the first batch every allocation
+      reuses resident memory, as CUDA's caching allocator does on a GPU. Tensors longer than 32 MiB
+      (T-long activations of BPTT) then cost no page faults, which takes from truncation part of its CPU
+      speed advantage (docs/benchmarks.md).
     """
+    if malloc not in MALLOC_POLICIES:
+        raise ValueError(f"malloc must be one of {MALLOC_POLICIES}, got {malloc!r}")
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     path = ctypes.util.find_library("c")
     libc = ctypes.CDLL(path) if path else None
-    if trim_heap or libc is None or not hasattr(libc, "mallopt"):
+    if malloc == "glibc" or libc is None or not hasattr(libc, "mallopt"):
         return f"{threads} thread(s), glibc malloc defaults"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not (libc.mallopt(m_mmap_threshold, 32 * MiB) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    if malloc == "heap":
+        applied = libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+        description = "malloc: one heap, never trimmed, no mmap"
+    else:
+        applied = libc.mallopt(m_mmap_threshold, 32 * MiB) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+        description = "malloc: no heap trimming, mmap above 32 MiB"
+    if not applied:
         return f"{threads} thread(s), glibc malloc defaults (mallopt refused)"
-    return f"{threads} thread(s), malloc: no heap trimming, mmap above 32 MiB"
+    return f"{threads} thread(s), {description}"
 
 
 def machine() -> dict[str, Any]:

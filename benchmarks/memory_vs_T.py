@@ -40,12 +40,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="time steps per chunk (default 10)")
     parser.add_argument("--n", type=int, default=1, help="layers per block (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--trim-heap", action="store_true", help="keep glibc's heap trimming")
+    parser.add_argument("--malloc", choices=H.MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--tag", default="", help="suffix of the CSV name, e.g. for a run of a patched package")
     args = parser.parse_args()
 
-    setup = H.configure(args.threads, args.trim_heap)
+    setup = H.configure(args.threads, args.malloc)
     H.quiet()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     steps = [int(t) for t in (args.T or ("20,40,80" if args.quick else "20,50,100,200")).split(",")]

@@ -32,11 +32,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--network", choices=sorted(H.WORKLOADS), default="alexnet")
     parser.add_argument("--quick", action="store_true", help="short sequences and small batches, one round")
-    parser.add_argument("--methods", default="a,aL,b,c,d,e", help="comma-separated, starting with a (default: all)")
+    parser.add_argument("--methods", default="a,aL,b,bs,c,cs,d,e", help="comma-separated, a first (default: all)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; quick 1)")
     parser.add_argument("--timed-batches", type=int, default=1, help="timed batches per run after a warm-up one")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, see docs)")
-    parser.add_argument("--trim-heap", action="store_true", help="keep glibc's heap trimming (see docs)")
+    parser.add_argument("--malloc", choices=H.MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--tag", default="", help="suffix of the CSV name, e.g. for a run of a patched package")
     parser.add_argument("--T", type=int, help="override the workload's time steps")
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, help="override the width divisor (1 = Table 2's network)")
     args = parser.parse_args()
 
-    setup = H.configure(args.threads, args.trim_heap)
+    setup = H.configure(args.threads, args.malloc)
     H.quiet()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     sizes = {"T": args.T, "batch": args.batch, "input_size": args.input_size, "width": args.width}
@@ -75,6 +75,7 @@ def main() -> None:
                 "label": method.label,
                 "k": method.k if method.kind in ("b", "c", "e") else None,
                 "n": method.n if method.kind in ("c", "e") else None,
+                "fast_neurons": method.fast_neurons if method.kind in ("b", "c", "e") else None,
                 "samples_per_s": speed.samples_per_s(method, w.batch),
                 "samples_per_cpu_s": speed.samples_per_s(method, w.batch, clock=1),
                 "speed_vs_a_wall": speed.ratio(method, base),
@@ -103,7 +104,8 @@ def main() -> None:
         f"peak = {peak}; saved+state = SavedTensorsMeter peak + parameters, gradients, optimizer state (blind inside "
         f"memopt checkpoints: too low for (d), (e)); input batch of {rows[0]['input_batch_mib']:.1f} MiB not counted"
     )
-    suffix = "".join(f"_{part}" for part in ("quick" if args.quick else "", args.tag) if part)
+    malloc = "" if args.malloc == "fixed" else args.malloc
+    suffix = "".join(f"_{part}" for part in ("quick" if args.quick else "", malloc, args.tag) if part)
     path = H.RESULTS / f"speed_memory_{w.network}{suffix}.csv"
     H.write_csv(path, rows)
     print(f"wrote {path}")
