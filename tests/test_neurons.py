@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 
 import lightning as L
 import pytest
@@ -111,6 +113,18 @@ def test_restore_hands_back_spikingjelly_and_single_step_is_untouched():
     reference = _lif(tau=2.0)
     reference.step_mode = "s"
     assert torch.equal(single(x), reference(x))
+
+
+def test_accelerated_network_pickles_and_copies_with_the_kernel():
+    net = torch.nn.Sequential(_lif(tau=2.0, v_threshold=0.3), _lif(tau=3.0, v_threshold=0.3))
+    accelerate(net)
+    x = torch.randn(5, 2, 7)
+    expected = net(x)
+    for clone in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
+        assert all(is_accelerated(m) for m in clone) and clone[0].multi_step_forward.node is clone[0]
+        functional.reset_net(clone)
+        assert torch.equal(clone(x), expected)
+    functional.reset_net(net)
 
 
 def test_without_grad_saves_nothing_and_spikes_equal():

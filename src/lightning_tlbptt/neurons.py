@@ -18,7 +18,6 @@ its reference path; :class:`~lightning_tlbptt.strategy.TruncatedLocalBPTT` does 
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Any
 
 import torch
@@ -26,9 +25,6 @@ from spikingjelly.activation_based import neuron, surrogate
 from torch import Tensor, nn
 
 __all__ = ["RectLIFFunction", "accelerate", "is_accelerated", "restore", "supports"]
-
-_ORIGINAL = "_tlbptt_accelerated"
-# Set on a node while the kernel is installed on it; holds nothing but marks the instance-level override.
 
 
 class RectLIFFunction(torch.autograd.Function):
@@ -146,25 +142,35 @@ def supports(node: nn.Module) -> str | None:
     return None
 
 
-def _multi_step_forward(self: neuron.LIFNode, x_seq: Tensor, *args: Tensor, **kwargs: object) -> Tensor:
-    inputs = (x_seq, *args)
-    (v,) = self.materialize_states(inputs, tuple(self._memories.values()), "m")
-    if args or kwargs or x_seq.dtype != torch.float32 or v.dtype != torch.float32 or x_seq.shape[0] == 0:
-        # Mixed precision and unusual calls keep SpikingJelly's own path.
-        return type(self).multi_step_forward(self, x_seq, *args, **kwargs)
-    spike_seq, v = RectLIFFunction.apply(
-        x_seq,
-        v,
-        self.tau,
-        self.decay_input,
-        self.v_threshold,
-        self.v_reset,
-        float(self.surrogate_function.alpha),
-        self.detach_reset,
-        torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad),  # else nothing to save (evaluation)
-    )
-    self._memories["v"] = v
-    return spike_seq
+class _Kernel:
+    """A node's ``multi_step_forward`` while the kernel is installed on it.
+
+    A callable object rather than a bound method so that an accelerated network still pickles and deep-copies
+    (``torch.save(model)`` in the middle of ``fit``), with the kernel installed on the copy.
+    """
+
+    def __init__(self, node: neuron.LIFNode) -> None:
+        self.node = node
+
+    def __call__(self, x_seq: Tensor, *args: Tensor, **kwargs: object) -> Tensor:
+        node = self.node
+        (v,) = node.materialize_states((x_seq, *args), tuple(node._memories.values()), "m")
+        if args or kwargs or x_seq.dtype != torch.float32 or v.dtype != torch.float32 or x_seq.shape[0] == 0:
+            # Mixed precision and unusual calls keep SpikingJelly's own path.
+            return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
+        spike_seq, v = RectLIFFunction.apply(
+            x_seq,
+            v,
+            node.tau,
+            node.decay_input,
+            node.v_threshold,
+            node.v_reset,
+            float(node.surrogate_function.alpha),
+            node.detach_reset,
+            torch.is_grad_enabled() and (x_seq.requires_grad or v.requires_grad),  # else nothing to save (evaluation)
+        )
+        node._memories["v"] = v
+        return spike_seq
 
 
 def accelerate(net: nn.Module) -> list[nn.Module]:
@@ -178,8 +184,7 @@ def accelerate(net: nn.Module) -> list[nn.Module]:
     for module in net.modules():
         if is_accelerated(module) or supports(module) is not None:
             continue
-        module.multi_step_forward = MethodType(_multi_step_forward, module)
-        setattr(module, _ORIGINAL, True)
+        module.multi_step_forward = _Kernel(module)
         installed.append(module)
     return installed
 
@@ -189,9 +194,8 @@ def restore(net: nn.Module) -> None:
     for module in net.modules():
         if is_accelerated(module):
             del module.multi_step_forward
-            delattr(module, _ORIGINAL)
 
 
 def is_accelerated(module: nn.Module) -> bool:
     """Whether :func:`accelerate` installed the kernel on ``module``."""
-    return getattr(module, _ORIGINAL, False)
+    return isinstance(vars(module).get("multi_step_forward"), _Kernel)
