@@ -109,6 +109,32 @@ def test_registered_under_tlbptt(make_trainer):
     assert (trainer.strategy.k, trainer.strategy.n) == (5, 2)
 
 
+class _AsksForDevice(L.Callback):
+    """Asks the strategy to move each batch to the meta device, as Lightning asks it for the root device."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, set[str]] = {"train": set(), "val": set()}
+
+    def _ask(self, trainer: L.Trainer, batch: Any, stage: str) -> None:
+        moved = trainer.strategy.batch_to_device(batch, torch.device("meta"))
+        self.devices[stage] |= {t.device.type for t in moved}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._ask(trainer, batch, "train")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._ask(trainer, batch, "val")
+
+
+def test_training_batches_stay_on_the_host_and_move_chunk_by_chunk(make_trainer):
+    # Only a chunk of the [B, T, ...] batch is on the device at a time (device memory flat in T);
+    # validation runs the user's module as Lightning moves it, the whole batch.
+    asks = _AsksForDevice()
+    trainer = make_trainer(strategy=TruncatedLocalBPTT(k=3, n=1), max_steps=2, limit_val_batches=1, callbacks=[asks])
+    trainer.fit(SpikingClassifier(conv_net()), event_batches(n=8, T=6), event_batches(n=8, T=6))
+    assert asks.devices == {"train": {"cpu"}, "val": {"meta"}}
+
+
 def test_static_images_are_repeated_over_T(make_trainer):
     x = torch.rand(8, 1, 8, 8)
     loader = DataLoader(TensorDataset(x, torch.arange(8) % 4), batch_size=8)

@@ -210,6 +210,21 @@ class TruncatedLocalBPTT(DDPStrategy):
         super().teardown()
 
     @override
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        # Training batches stay in host memory and `training_step` moves one chunk of k steps at a time: the
+        # device then holds k/T of the input, so device memory stays flat in T (an event batch [B, T, ...] can
+        # outweigh a chunk's activations). The module's transfer hooks still run, with the host as the device.
+        module = self.lightning_module
+        if (
+            module is not None
+            and module._trainer is not None
+            and module._trainer.training
+            and self.partition is not None
+        ):
+            device = torch.device("cpu")
+        return super().batch_to_device(batch, device, dataloader_idx)
+
+    @override
     def configure_ddp(self) -> None:
         # No DistributedDataParallel wrapper: its reducer expects one backward per forward, while each
         # chunk runs one backward per block. Gradients are averaged once per optimizer step instead, and
@@ -226,6 +241,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         x, target = self.time_major_batch(args[0] if args else kwargs["batch"])
         if not self._checked_first_batch:
             self._check_first_batch(x, target)
+        device = self.root_device
+        target = target.to(device)
         optimizer = module.optimizers()
         assert not isinstance(optimizer, list)
         self._step_epoch_schedulers(module)
@@ -236,11 +253,11 @@ class TruncatedLocalBPTT(DDPStrategy):
         blocks = self.partition.blocks
         loss_fn = self.loss_fn
         assert loss_fn is not None
-        block_losses = torch.zeros(len(blocks), device=x.device)
+        block_losses = torch.zeros(len(blocks), device=device)
         out_sum: Tensor | None = None
         n_chunks = 0
         for chunk_index, start in enumerate(range(0, x.shape[0], self.k)):
-            h = x[start : start + self.k]
+            h = x[start : start + self.k].to(device, non_blocking=True)
             losses = []
             for block in blocks:
                 with self.precision_plugin.train_step_context():
@@ -393,7 +410,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         # One step of one sample through every block and classifier: builds the lazy classifiers (their
         # input width is known only now) and reports a shape that does not fit, naming the block.
         classifiers = getattr(self.lightning_module, CLASSIFIERS_ATTR)
-        h = x[:1, :1]
+        h = x[:1, :1].to(self.root_device)
         # eval mode: batch norm must neither fail on one value per channel nor update its running stats
         modes = [(m, m.training) for m in (*self._net.modules(), *classifiers.modules())]
         self._net.eval()
