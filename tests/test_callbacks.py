@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +55,14 @@ def monitors(every: int = 1) -> list[L.Callback]:
 
 
 def fit(
-    tmp_path: Path, callbacks: list[L.Callback], strategy: Any = "auto", logger: Any = False, **module: Any
+    make_trainer: Callable[..., L.Trainer],
+    callbacks: list[L.Callback],
+    strategy: Any = "auto",
+    logger: Any = False,
+    **module: Any,
 ) -> L.Trainer:
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        strategy=strategy,
-        callbacks=callbacks,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(strategy=strategy, callbacks=callbacks, logger=logger)
     trainer.fit(
         SpikingClassifier(conv_net(), lr_step_epochs=0, **module),
         event_batches(n=16),
@@ -102,7 +94,7 @@ def _key(item: Any) -> str:
     return item.key or "/".join(item.nested_key)  # W&B splits keys holding "/" into a nested key
 
 
-def test_wandb_offline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_offline_end_to_end(tmp_path: Path, make_trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
     from wandb.proto import wandb_internal_pb2
 
@@ -110,7 +102,7 @@ def test_wandb_offline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(save_dir=str(tmp_path), project="tlbptt-test", offline=True)
-    fit(tmp_path, monitors(), TruncatedLocalBPTT(k=2, n=1), logger)
+    fit(make_trainer, monitors(), TruncatedLocalBPTT(k=2, n=1), logger)
     logger.experiment.finish()
     wandb.teardown()  # wait for the W&B service to flush the run file
 
@@ -135,11 +127,11 @@ def test_wandb_offline_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert kinds.count("block") == 3 and kinds.count("classifier") == 2 and kinds.count("output") == 1
 
 
-def test_csv_logger_and_bptt_baseline(tmp_path: Path) -> None:
+def test_csv_logger_and_bptt_baseline(tmp_path: Path, make_trainer) -> None:
     """Plain BPTT (no strategy): k = T, one block, no classifier; every ratio to BPTT is 1."""
     cost = CostMonitor(2, reference_accuracy=0.6)
     callbacks = [MemoryMonitor(2), SpikeDensityMonitor(2), cost, OpCounterMonitor(2)]
-    fit(tmp_path, callbacks, logger=CSVLogger(tmp_path))
+    fit(make_trainer, callbacks, logger=CSVLogger(tmp_path))
     log_dir = tmp_path / "lightning_logs" / "version_0"
     with open(log_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -156,18 +148,18 @@ def test_csv_logger_and_bptt_baseline(tmp_path: Path) -> None:
     assert fom == pytest.approx(figure_of_merit(0.6 - accuracy, 1.0, 1.0, 1.0, 1.0))
 
 
-def test_measured_memory_shrinks_with_truncation(tmp_path: Path) -> None:
+def test_measured_memory_shrinks_with_truncation(make_trainer) -> None:
     peaks = {}
     for k in (8, 2):
         memory = MemoryMonitor(1)
-        fit(tmp_path, [memory], TruncatedLocalBPTT(k=k, n=8))
+        fit(make_trainer, [memory], TruncatedLocalBPTT(k=k, n=8))
         peaks[k] = memory.metrics["cost/memory/saved_activations_bytes"]
         assert memory.metrics["cost/memory/params_bytes"] == memory.metrics["cost/memory/grads_bytes"] > 0
     # saved activations are ~k/T of BPTT's; parameters and optimizer state do not change
     assert 0 < peaks[2] < 0.4 * peaks[8]
 
 
-def test_densities_equal_hand_computed_spike_rates(tmp_path: Path) -> None:
+def test_densities_equal_hand_computed_spike_rates(make_trainer) -> None:
     """With lr = 0 the weights never change, so the chunked forward of the strategy fires exactly the spikes of
     one forward over the whole sequence, which we compute here block by block."""
     T, B = 8, 8
@@ -179,18 +171,7 @@ def test_densities_equal_hand_computed_spike_rates(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = conv_net()
     module = SpikingClassifier(net, lr=0.0, lr_step_epochs=0)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        strategy=TruncatedLocalBPTT(k=2, n=1),
-        callbacks=[density, cost],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1), callbacks=[density, cost])
     trainer.fit(module, loader)
 
     # conv_net's layers start at modules 0, 3, 6 and 8; blocks of one layer end after modules 2 and 5
@@ -210,12 +191,12 @@ def test_densities_equal_hand_computed_spike_rates(tmp_path: Path) -> None:
     assert cost.estimate == reference
 
 
-def test_op_counter_counts_one_chunk(tmp_path: Path) -> None:
+def test_op_counter_counts_one_chunk(make_trainer) -> None:
     """Forward FLOPs of the counted chunk grow with its length k: about twice for k = 4 as for k = 2."""
     flops = {}
     for k in (2, 4):
         ops = OpCounterMonitor(1)
-        fit(tmp_path, [ops], TruncatedLocalBPTT(k=k, n=1))
+        fit(make_trainer, [ops], TruncatedLocalBPTT(k=k, n=1))
         assert all(ops.metrics[key] > 0 for key in OPS_KEYS - {"ops/backward/acs"})
         flops[k] = ops.metrics["ops/forward/flops"]
     assert 1.6 < flops[4] / flops[2] < 2.4
