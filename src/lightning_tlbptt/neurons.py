@@ -1,7 +1,7 @@
 """A lean multi-step kernel for SpikingJelly's LIF neuron with the rectangular surrogate (the paper's neuron).
 
 SpikingJelly 2.0 has fused kernels for its smooth surrogates but runs ``surrogate.Rect`` (Eq. 6 of the paper) through
-its PyTorch reference: a Python loop over ``T`` that records five autograd nodes per step, saves the float
+its PyTorch reference: a Python loop over ``T`` that records about seven autograd nodes per step, saves the float
 ``h - v_threshold`` of every neuron-step for the surrogate, and builds the spike sequence twice (a list of steps, then
 ``torch.stack``). That neuron kernel, not the training method, sets most of truncated training's peak memory.
 
