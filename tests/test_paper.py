@@ -91,6 +91,7 @@ def test_train_main_writes_a_csv_log(tmp_path: Path) -> None:
     assert [r["val/acc"] for r in rows if r.get("val/acc")]
     hparams = load_hparams_from_yaml(run / "hparams.yaml")
     assert (hparams["k"], hparams["n"], hparams["T"], hparams["method"]) == (1, 1, 2, "tlbptt")
+    assert hparams["sj_neurons"] is False
 
 
 def test_wandb_logger_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -253,6 +253,9 @@ def train_main(dataset: str, argv: list[str] | None = None, *, k: int = 5, n: in
     method.add_argument("--n", type=int, default=n, help="layers per local block")
     method.add_argument("--classifier", choices=("trainable", "random"), default="trainable", help="local classifiers")
     method.add_argument("--bptt", action="store_true", help="plain BPTT over the whole T (ignores k, n, classifier)")
+    method.add_argument(
+        "--sj-neurons", action="store_true", help="SpikingJelly's own LIF loop instead of the strategy's kernel"
+    )
     hyper = parser.add_argument_group("hyperparameters (defaults: the paper's)")
     hyper.add_argument("--loss", choices=("mse", "ce"), default=setting["loss"], help="output and local losses")
     hyper.add_argument("--lr", type=float, default=setting["lr"], help=f"Table 1 range: {spec.lr_range}")
@@ -302,7 +305,9 @@ def train_main(dataset: str, argv: list[str] | None = None, *, k: int = 5, n: in
         strategy: str | TruncatedLocalBPTT = "auto"
         run_name = f"{dataset}-bptt"
     else:
-        strategy = TruncatedLocalBPTT(k=args.k, n=args.n, classifier=args.classifier, loss=args.loss)
+        strategy = TruncatedLocalBPTT(
+            k=args.k, n=args.n, classifier=args.classifier, loss=args.loss, fast_neurons=not args.sj_neurons
+        )
         run_name = f"{dataset}-k{args.k}-n{args.n}-{args.classifier}"
     logger = _make_logger(args.logger, args.log_dir, run_name)
     logger.log_hyperparams({"dataset": dataset, "method": "bptt" if args.bptt else "tlbptt", **vars(args)})
