@@ -12,7 +12,7 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
-from lightning_tlbptt.neurons import accelerate, is_accelerated, restore, supports
+from lightning_tlbptt.neurons import RectLIFFunction, accelerate, is_accelerated, restore, supports
 
 from snn_fixtures import GradRecorder, conv_net, event_batches
 
@@ -69,7 +69,7 @@ def test_gradient_reaches_an_initial_voltage_that_requires_grad():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
-def test_saves_a_quarter_of_what_spikingjelly_saves():
+def test_saves_a_32nd_of_what_spikingjelly_saves():
     x = (torch.randn(10, 32, 64) * 0.6).requires_grad_()
     saved = []
     for accelerated in (False, True):
@@ -79,9 +79,33 @@ def test_saves_a_quarter_of_what_spikingjelly_saves():
         with SavedTensorsMeter() as meter:
             node(x).sum().backward()
         saved.append(meter.peak_bytes)
-    # SpikingJelly: one float (h - v_threshold) per neuron-step; the kernel: one bool
-    assert saved[1] == x.numel()
-    assert saved[1] * 4 <= saved[0]
+    # SpikingJelly: one float (h - v_threshold) per neuron-step; the kernel: one bit
+    assert saved[1] == x.numel() // 8
+    assert saved[1] * 32 <= saved[0]
+
+
+@pytest.mark.parametrize("config", CONFIGS[::3], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_masks_as_bits_or_bytes_give_the_same_bits(config, monkeypatch):
+    """Masks saved as bits (default) or as int8 bytes: same spikes, same gradients bit for bit, 8x less saved."""
+    torch.manual_seed(2)
+    x = torch.randn(6, 3, 13) * 0.8  # 39 neurons: the last byte of bits is padded
+    w = torch.randn(6, 3, 13)
+    results, saved = [], []
+    for bits in (False, True):
+        monkeypatch.setattr(RectLIFFunction, "bits", bits)
+        node = _lif(**config)
+        accelerate(node)
+        results.append(_run(node, x, w))
+        functional.reset_net(node)
+        with SavedTensorsMeter() as meter:
+            node(x.clone().requires_grad_())
+        saved.append(meter.current_bytes)
+    (out_bytes, grad_bytes), (out_bits, grad_bits) = results
+    assert all(torch.equal(a, b) for a, b in zip(out_bytes, out_bits, strict=True))
+    assert torch.equal(grad_bytes, grad_bits) and grad_bits.abs().sum() > 0
+    masks = 1 if config["v_reset"] is None else 2  # the window, and for a hard reset the spikes
+    floats = 0 if config["v_reset"] is None or config["detach_reset"] else x.numel() * 4  # h, for a hard reset
+    assert saved == [masks * x.numel() + floats, masks * 6 * 5 + floats]  # 39 neurons: 5 bytes of bits per step
 
 
 @pytest.mark.parametrize(

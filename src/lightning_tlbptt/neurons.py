@@ -5,9 +5,10 @@ its PyTorch reference: a Python loop over ``T`` that records about seven autogra
 ``h - v_threshold`` of every neuron-step for the surrogate, and builds the spike sequence twice (a list of steps, then
 ``torch.stack``). That neuron kernel, not the training method, sets most of truncated training's peak memory.
 
-The rectangular surrogate's derivative is ``alpha`` inside a window and 0 outside, so one byte per neuron-step (inside
-the window or not) is all its backward needs: :class:`RectLIFFunction` saves that instead of a float (4x less),
-writes spikes straight into the output and walks back through time in one loop without an autograd graph. Its spikes
+The rectangular surrogate's derivative is ``alpha`` inside a window and 0 outside, so one bit per neuron-step (inside
+the window or not) is all its backward needs: :class:`RectLIFFunction` saves that instead of a float (32x less,
+packed eight to a byte by :func:`lightning_tlbptt.packing.pack_bits`), writes spikes straight into the output and
+walks back through time in one loop without an autograd graph. Its spikes
 and final voltage are bit-identical to SpikingJelly's and its gradients equal them up to float rounding
 (``tests/test_neurons.py``).
 
@@ -24,6 +25,8 @@ import torch
 from spikingjelly.activation_based import neuron, surrogate
 from torch import Tensor, nn
 
+from lightning_tlbptt.packing import pack_bits, unpack_bits
+
 __all__ = ["RectLIFFunction", "accelerate", "is_accelerated", "restore", "supports"]
 
 
@@ -32,10 +35,19 @@ class RectLIFFunction(torch.autograd.Function):
 
     Computes what ``spikingjelly.activation_based.functional.lif_multi_step`` computes with
     ``surrogate.Rect(alpha)``, in the same floating-point operations (so spikes and voltages match bit for bit).
-    Saves for backward, per step: the surrogate window ``|h - v_threshold| < 0.5 / alpha`` as int8; with a hard
-    reset also the spikes as int8, and ``h`` as floats when the reset is not detached (its gradient
-    ``(v_reset - h) * sg`` needs the value). Nothing is saved when ``record`` is false (no gradient wanted).
+    Saves for backward, per step: the surrogate window ``|h - v_threshold| < 0.5 / alpha`` as bits (one per neuron,
+    ``uint8 [ceil(n / 8)]``); with a hard reset also the spikes as bits, and ``h`` as floats when the reset is not
+    detached (its gradient ``(v_reset - h) * sg`` needs the value). Nothing is saved when ``record`` is false (no
+    gradient wanted).
+
+    Attributes:
+        bits: ``True`` (default) saves masks as bits; ``False`` as one int8 byte per neuron-step, as before bits
+            (8x the memory; about 10-15 % less time in this layer on one CPU thread: packing and unpacking cost a
+            few elementwise ops per step, ``benchmarks/packing.py``). Read when a forward runs; the gradients are the
+            same bits either way.
     """
+
+    bits: bool = True
 
     @staticmethod
     def forward(
@@ -50,8 +62,8 @@ class RectLIFFunction(torch.autograd.Function):
         detach_reset: bool,
         record: bool,
     ) -> tuple[Tensor, Tensor]:
-        # Masks are computed into float scratch and stored as int8: comparisons writing bool (or reading it in
-        # masked_fill_/where) run several times slower than float ops on CPU, and int8 costs the same byte.
+        # Masks are computed into float scratch and stored as bits (or int8): comparisons writing bool (or reading it
+        # in masked_fill_/where) run several times slower than float ops on CPU.
         # What backward needs is kept per step, not in [T, ...] tensors: small blocks are reused from the heap,
         # while blocks past glibc's mmap threshold (32 MiB at most) are fresh pages to fault in at every batch.
         spike_seq = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
@@ -75,29 +87,40 @@ class RectLIFFunction(torch.autograd.Function):
             torch.ge(h, v_threshold, out=spike)
             torch.lt(torch.sub(h, v_threshold, out=scratch).abs_(), half_width, out=scratch)
             if record:
-                windows.append(scratch.to(torch.int8))
+                windows.append(pack_bits(scratch) if RectLIFFunction.bits else scratch.to(torch.int8))
             if not hard:
                 torch.sub(h, spike, alpha=v_threshold, out=v)
                 continue
             if record:
-                fired.append(spike.to(torch.int8))
+                fired.append(pack_bits(spike) if RectLIFFunction.bits else spike.to(torch.int8))
                 if not detach_reset:
                     h_seq.append(h.clone())
             torch.add(spike * v_reset, (1.0 - spike) * h, out=v)
         ctx.save_for_backward(*windows, *fired, *h_seq)
-        ctx.config = (x_seq.shape[0], tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
+        ctx.config = (x_seq.shape[0], v.shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
         return spike_seq, v
 
     @staticmethod
     def backward(ctx: Any, grad_spike_seq: Tensor | None, grad_v: Tensor | None) -> tuple[Tensor | None, ...]:
-        steps, tau, decay_input, v_threshold, v_reset, alpha, detach_reset = ctx.config
+        steps, shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset = ctx.config
         saved = ctx.saved_tensors
         windows, fired, h_seq = saved[:steps], saved[steps : 2 * steps], saved[2 * steps :]
         if grad_spike_seq is None:
-            grad_spike_seq = torch.zeros((steps, *windows[0].shape), dtype=torch.float32, device=windows[0].device)
+            grad_spike_seq = torch.zeros((steps, *shape), dtype=torch.float32, device=windows[0].device)
         grad_x_seq = torch.empty_like(grad_spike_seq, memory_format=torch.contiguous_format)
         carry = torch.zeros_like(grad_x_seq[0]) if grad_v is None else grad_v.clone()
-        scratch = torch.empty_like(carry)
+        numel = carry.numel()
+        bits = windows[0].dtype == torch.uint8
+        # a mask of one step, unpacked from bits into a buffer padded to whole bytes (or converted from int8)
+        padded = torch.empty(8 * windows[0].numel() if bits else numel, dtype=carry.dtype, device=carry.device)
+        scratch = padded[:numel].view(shape)
+
+        def load(saved_mask: Tensor) -> Tensor:
+            if bits:
+                unpack_bits(saved_mask, numel, scratch.dtype, out=padded)
+                return scratch
+            return scratch.copy_(saved_mask)
+
         keep = 1.0 - 1.0 / tau
         for t in range(steps - 1, -1, -1):
             grad = grad_x_seq[t]  # dL/ds_t first, then dL/dh_t, then dL/dx_t: no buffer of its own
@@ -108,9 +131,9 @@ class RectLIFFunction(torch.autograd.Function):
                 torch.add(grad_spike_seq[t], carry, alpha=-v_threshold, out=grad)
             else:
                 torch.addcmul(grad_spike_seq[t], carry, v_reset - h_seq[t], out=grad)
-            grad.mul_(scratch.copy_(windows[t]))  # the surrogate: alpha inside the window, 0 outside
+            grad.mul_(load(windows[t]))  # the surrogate: alpha inside the window, 0 outside
             if v_reset is not None:
-                carry.mul_(scratch.copy_(fired[t]).neg_().add_(1.0))  # dv_t/dh_t = 1 - s_t
+                carry.mul_(load(fired[t]).neg_().add_(1.0))  # dv_t/dh_t = 1 - s_t
             torch.add(carry, grad, alpha=alpha, out=grad)
             torch.mul(grad, keep, out=carry)
             if decay_input:
