@@ -113,7 +113,7 @@ def test_k_below_T_equals_chunkwise_reference(make_trainer, k, n, parts):
     assert trainer.global_step == 2 * math.ceil(8 / k)  # two batches, a shorter last chunk when k ∤ T
     for (name, p), q in zip(module.net.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=f"parameter {name} differs")
-    for mine, theirs in zip(module.local_classifiers, classifiers, strict=True):
+    for mine, theirs in zip(trainer.strategy.local_classifiers, classifiers, strict=True):
         torch.testing.assert_close(mine.linear.weight, theirs.linear.weight, atol=1e-5, rtol=1e-5)
 
 
@@ -154,7 +154,7 @@ def test_random_classifiers_stay_fixed_and_trainable_ones_learn(make_trainer):
         trainer = make_trainer(strategy=TruncatedLocalBPTT(k=4, n=1, classifier=kind), callbacks=[recorder])
         trainer.fit(module, event_batches(n=16, T=8, batch_size=8))
         expected = [LocalClassifier(4, copy.deepcopy(module.net[1]), kind=kind, seed=i) for i in range(2)]
-        for i, (clf, ref) in enumerate(zip(module.local_classifiers, expected, strict=True)):
+        for i, (clf, ref) in enumerate(zip(trainer.strategy.local_classifiers, expected, strict=True)):
             ref(torch.zeros(1, 1, *clf_input_shape(i)))  # materialise from the same seed
             changed = not torch.equal(clf.linear.weight, ref.linear.weight)
             assert changed == should_change, f"{kind} classifier {i}: changed={changed}"

@@ -17,16 +17,29 @@ block ``i + 1`` runs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 import torch.fx as fx
-from spikingjelly.activation_based import base, neuron
-from torch import nn
+from spikingjelly.activation_based import base, functional, neuron
+from torch import Tensor, nn
 
-__all__ = ["Block", "Layer", "Partition", "PartitionError", "find_network", "partition"]
+__all__ = [
+    "Block",
+    "Cut",
+    "Layer",
+    "Observation",
+    "Partition",
+    "PartitionError",
+    "block_groups",
+    "find_network",
+    "observe",
+    "partition",
+]
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
 # Ops that only move the time axis: a network that starts with one of them expects ``[B, T, ...]``
@@ -62,18 +75,34 @@ class Layer:
         return tuple(m for unit in self.modules for m in unit.modules() if isinstance(m, neuron.BaseNode))
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A place in the network's forward: the ``occurrence``-th call of ``module`` in one network call.
+
+    A block starts at its cut: what the module receives there is the block's input, and everything the
+    network computes from it belongs to this block or a later one.
+    """
+
+    module: nn.Module
+    name: str
+    occurrence: int = 0
+
+
 @dataclass
 class Block:
-    """A gradient-isolated group of layers and the module that runs it.
+    """A gradient-isolated group of layers.
 
-    ``module`` maps the block's input to its output, both time-major (``[T, B, ...]``) in
-    ``step_mode='m'``; in ``step_mode='s'`` it maps one step ``[B, ...]`` to one step.
+    For a partition from :func:`partition`, ``module`` maps the block's input to its output, both
+    time-major (``[T, B, ...]``) in ``step_mode='m'``; in ``step_mode='s'`` it maps one step ``[B, ...]`` to
+    one step. For one from :func:`observe`, ``module`` is ``None`` and the block runs inside the network's
+    own forward, from its ``start`` cut (``None`` for the first block) to the next block's.
     """
 
     index: int
     layers: tuple[Layer, ...]
-    module: fx.GraphModule
+    module: fx.GraphModule | None
     is_last: bool
+    start: Cut | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -100,7 +129,8 @@ class Partition:
         step_mode: ``'m'`` (blocks take ``[T, B, ...]``) or ``'s'`` (blocks take ``[B, ...]``).
         input_layout: ``'TB'`` when the network expects time-major input, ``'BT'`` when its forward
             transposes ``[B, T, ...]`` itself (that transpose is not part of ``blocks[0]``).
-        num_classes: output width of the output layer.
+        num_classes: output width of the output layer (:func:`observe`: of the network's output).
+        entry: the first module the network calls (:func:`observe` only): where its input is time-major.
     """
 
     layers: list[Layer]
@@ -109,6 +139,7 @@ class Partition:
     input_layout: Literal["TB", "BT"]
     num_classes: int
     neuron_template: neuron.BaseNode = field(repr=False)
+    entry: Cut | None = None
 
     @property
     def n_hidden(self) -> int:
@@ -194,10 +225,7 @@ def partition(net: nn.Module, n: int) -> Partition:
     chain, graph_root = _trace_chain(net)
     chain, input_layout = _strip_layout_prefix(chain)
     layers, layer_nodes = _group_layers(chain, graph_root)
-    hidden = len(layers) - 1
-    groups = [list(range(i, min(i + n, hidden))) for i in range(0, hidden, n)] or [[]]
-    groups[-1].append(hidden)  # the output layer closes the last block
-
+    groups = block_groups(len(layers), n)
     blocks = []
     for b, group in enumerate(groups):
         nodes = [node for i in group for node in layer_nodes[i]]
@@ -220,6 +248,14 @@ def partition(net: nn.Module, n: int) -> Partition:
         num_classes=num_classes,
         neuron_template=neurons[0],
     )
+
+
+def block_groups(n_layers: int, n: int) -> list[list[int]]:
+    """Layer indices of each block: hidden layers ``n`` at a time, the output layer closing the last block."""
+    hidden = n_layers - 1
+    groups = [list(range(i, min(i + n, hidden))) for i in range(0, hidden, n)] or [[]]
+    groups[-1].append(hidden)
+    return groups
 
 
 def _has_neuron(module: nn.Module) -> bool:
@@ -384,4 +420,303 @@ def _check_isolated(blocks: list[Block]) -> None:
                         f"parameter of {name!r} (block {block.index}) is also used by {seen[1]!r} (block "
                         f"{seen[0]}): a gradient would cross the block boundary. Give each layer its own "
                         "parameters, or use a larger n so both fall in one block."
+                    )
+
+
+# --- Partitions observed from one probe forward -----------------------------------------------------------------
+
+
+@dataclass
+class Observation:
+    """What :func:`observe` learnt from one probe forward of the network.
+
+    Attributes:
+        partition: layers and blocks; every block after the first starts at a :class:`Cut`.
+        entry_shape: shape of what the entry received, ``[T, B, ...]`` (``None`` unless ``slice_time``).
+        block_inputs: what each block after the first received in the probe (one time step, detached),
+            e.g. to build the readouts that read them.
+    """
+
+    partition: Partition
+    entry_shape: tuple[int, ...] | None
+    block_inputs: list[Tensor]
+
+    @property
+    def T(self) -> int | None:
+        """Time steps the entry received."""
+        return self.entry_shape[0] if self.entry_shape else None
+
+
+@dataclass
+class _Call:
+    index: int
+    module: nn.Module
+    name: str
+    occurrence: int
+    unit: bool  # kept whole: a SpikingJelly module, a checkpointed module or a module without children
+    input: Tensor | None = None  # its only tensor argument, if it takes exactly one
+    output: Tensor | None = None
+    end: int = -1  # how many calls had started when this one returned
+
+
+def observe(
+    net: nn.Module,
+    n: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    slice_time: bool = True,
+) -> Observation:
+    """Cut ``net`` into blocks of ``n`` layers by watching one forward, whatever its ``forward`` does.
+
+    The network runs once on ``args`` (what it receives in training) in eval mode with gradients on, while
+    hooks record every module call in order (SpikingJelly modules and checkpointed modules are kept whole).
+    A call is a possible cut when the tensor it receives is the only way from everything computed before
+    to everything after: in the autograd graph of the output, that tensor is used by no op outside the
+    call, and no parameter of an earlier call is reachable from the output without passing through it. So
+    residual connections, branches and inline skip additions are never cut, while shape branches, Python
+    loops, transposes and time-mean heads in ``forward`` simply run. A layer starts at the last possible cut
+    before each weighted module (Conv/Linear); a weighted module with no cut before it (inside a residual
+    block) joins the layer before. Blocks group the hidden layers ``n`` at a time, the output layer
+    closing the last block (:func:`block_groups`).
+
+    Args:
+        net: the spiking network.
+        n: hidden layers per block.
+        args: positional inputs of one network call; ``kwargs`` its keyword inputs.
+        slice_time: the first module the network calls (the *entry*) receives time-major data
+            ``[T, B, ...]``: run the probe on its first time step only, which keeps the probe cheap.
+
+    Raises:
+        PartitionError: when the network has no neuron or weighted layer, its output depends on no
+            parameter, or a parameter is shared by two blocks.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PartitionError(f"n must be a positive int (layers per block), got {n!r}")
+    neurons = _check_spiking(net)
+    calls: list[_Call] = []
+    stack: list[_Call] = []
+    seen_calls: dict[int, int] = {}
+    steps: list[tuple[int, ...]] = []
+
+    def before(name: str, unit: bool, module: nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        call = _Call(len(calls), module, name, seen_calls.get(id(module), 0), unit)
+        seen_calls[id(module)] = call.occurrence + 1
+        if slice_time and not calls:
+            x = a[0] if a else None
+            if not isinstance(x, Tensor) or x.dim() < 2:
+                raise PartitionError(
+                    f"the first module {type(net).__name__} calls ({name}: {type(module).__name__}) receives "
+                    f"{_describe(x)}, not time-major data [T, B, ...]. Run the network in step_mode='m' on "
+                    "[T, B, ...], or cut the batch instead: TruncatedLocalBPTT(time_split='batch')."
+                )
+            steps.append(tuple(x.shape))
+            a = (x[:1], *a[1:])
+        tensors = [v for v in (*a, *kw.values()) if isinstance(v, Tensor)]
+        call.input = tensors[0] if len(tensors) == 1 else None
+        calls.append(call)
+        stack.append(call)
+        return a, kw
+
+    def after(module: nn.Module, a: tuple[Any, ...], kw: dict[str, Any], output: Any) -> None:
+        call = stack.pop()
+        call.output = _first_tensor(output)
+        call.end = len(calls)
+
+    handles = []
+    for name, module, unit in _hookable(net):
+        handles.append(module.register_forward_pre_hook(functools.partial(before, name, unit), with_kwargs=True))
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    modes = {m: m.training for m in net.modules()}
+    devices = sorted({p.device.index for p in net.parameters() if p.is_cuda})
+    net.eval()
+    try:
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+            result = net(*args, **(kwargs or {}))
+    except PartitionError:
+        raise
+    except Exception as err:
+        raise PartitionError(
+            f"the probe forward of {type(net).__name__} failed ({type(err).__name__}: {err}). TruncatedLocalBPTT "
+            "runs the network once on the first batch to find where it can be cut."
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+        functional.reset_net(net)
+
+    output = _first_tensor(result)
+    if output is None or not calls:
+        raise PartitionError(f"{type(net).__name__} returned {_describe(result)} and called no sub-module")
+    if output.grad_fn is None:
+        raise PartitionError(
+            f"the output of {type(net).__name__} depends on no trainable parameter: nothing to train. Check "
+            "that its parameters require grad."
+        )
+    layers, starts = _observed_layers(calls, output)
+    groups = block_groups(len(layers), n)
+    blocks = [
+        Block(
+            index=b,
+            layers=tuple(layers[i] for i in group),
+            module=None,
+            is_last=b == len(groups) - 1,
+            start=None if b == 0 else _cut(starts[group[0]]),
+        )
+        for b, group in enumerate(groups)
+    ]
+    _check_observed_isolated(blocks)
+    step_modes = {m.step_mode for m in neurons}
+    part = Partition(
+        layers=layers,
+        blocks=blocks,
+        step_mode="m" if "m" in step_modes else "s",
+        input_layout="TB",
+        num_classes=output.shape[-1],
+        neuron_template=neurons[0],
+        entry=_cut(calls[0]),
+    )
+    inputs = [starts[group[0]].input.detach() for group in groups[1:]]  # type: ignore[union-attr]
+    return Observation(partition=part, entry_shape=steps[0] if steps else None, block_inputs=inputs)
+
+
+def _check_spiking(net: nn.Module) -> list[neuron.BaseNode]:
+    neurons = [m for m in net.modules() if isinstance(m, neuron.BaseNode)]
+    if not neurons:
+        raise PartitionError(
+            f"{type(net).__name__} contains no SpikingJelly neuron (spikingjelly.activation_based.neuron.BaseNode)"
+            "; there is nothing to truncate in time. Add spiking neurons (e.g. neuron.LIFNode) to the network."
+        )
+    if not any(isinstance(m, _WEIGHTED) for m in net.modules()):
+        raise PartitionError(
+            f"{type(net).__name__} contains no weighted layer (nn.Conv*d or nn.Linear): nothing to train."
+        )
+    return neurons
+
+
+def _hookable(net: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, is_unit)`` of every sub-module outside a unit; a unit's inside is never cut."""
+    found: list[tuple[str, nn.Module, bool]] = []
+    hidden: list[str] = []
+    for name, module in net.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in hidden):
+            continue
+        whole = isinstance(module, base.StepModule) or hasattr(module, "_checkpoint_wrapped_module")
+        if whole:
+            hidden.append(name + ".")
+        found.append((name, module, whole or next(module.children(), None) is None))
+    return found
+
+
+def _first_tensor(value: Any) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe(value: Any) -> str:
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+
+
+def _cut(call: _Call) -> Cut:
+    return Cut(module=call.module, name=call.name, occurrence=call.occurrence)
+
+
+def _consumers(root: Any) -> dict[tuple[Any, int], list[Any]]:
+    """For every ``(node, output_nr)`` of the autograd graph under ``root``, the nodes that use it."""
+    consumers: dict[tuple[Any, int], list[Any]] = {}
+    seen, stack = {root}, [root]
+    while stack:
+        node = stack.pop()
+        for nxt, nr in node.next_functions:
+            if nxt is None:
+                continue
+            consumers.setdefault((nxt, nr), []).append(node)
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return consumers
+
+
+def _reach(root: Any, stop: Any) -> set[Any]:
+    """Nodes reachable from ``root`` without passing through ``stop``."""
+    seen, stack = {root}, [root]
+    while stack:
+        for nxt, _ in stack.pop().next_functions:
+            if nxt is not None and nxt is not stop and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def _own_parameters(call: _Call) -> list[nn.Parameter]:
+    return list(call.module.parameters(recurse=call.unit))
+
+
+def _observed_layers(calls: list[_Call], output: Tensor) -> tuple[list[Layer], list[_Call]]:
+    """The layers of an observed forward and the call each one starts at."""
+    consumers = _consumers(output.grad_fn)
+    taken: set[tuple[Any, int]] = set()
+
+    def cuttable(call: _Call) -> bool:
+        h, out = call.input, call.output
+        if h is None or h.grad_fn is None or out is None or out.grad_fn is None:
+            return False
+        key = (h.grad_fn, h.output_nr)
+        if key in taken:  # an enclosing call already starts with this tensor: cut there
+            return False
+        taken.add(key)
+        if any(node_nr[0] is h.grad_fn and node_nr != key for node_nr in consumers):
+            return False  # another output of the same op is used elsewhere (split, unbind)
+        inside = _reach(out.grad_fn, stop=h.grad_fn)
+        if any(user not in inside for user in consumers.get(key, ())):
+            return False  # used again after the call: a skip connection starts here
+        earlier = {id(p) for prior in calls[: call.index] if prior.end <= call.index for p in _own_parameters(prior)}
+        reachable = _reach(output.grad_fn, stop=h.grad_fn)
+        return not any(id(getattr(node, "variable", None)) in earlier for node in reachable)
+
+    units = [c for c in calls if c.unit]
+    first_unit, position = [0] * len(calls), len(units)
+    unit_at = {c.index: i for i, c in enumerate(units)}
+    for call in reversed(calls):
+        position = unit_at.get(call.index, position)
+        first_unit[call.index] = position
+    cuts = [c for c in calls[1:] if cuttable(c)]
+    weighted = [i for i, u in enumerate(units) if any(isinstance(m, _WEIGHTED) for m in u.module.modules())]
+    if not weighted:
+        raise PartitionError("no weighted layer (nn.Conv*d or nn.Linear) ran in the network's forward")
+    starts, start_calls = [0], [calls[0]]
+    for previous, current in itertools.pairwise(weighted):
+        options = [c for c in cuts if previous < first_unit[c.index] <= current]
+        if options:
+            best = max(options, key=lambda c: (first_unit[c.index], -c.index))
+            starts.append(first_unit[best.index])
+            start_calls.append(best)
+    layers = []
+    for index, (lo, hi) in enumerate(itertools.pairwise([*starts, len(units)])):
+        modules = tuple(dict.fromkeys(u.module for u in units[lo:hi]))
+        layers.append(Layer(index=index, names=tuple(u.name for u in units[lo:hi]), modules=modules))
+    return layers, start_calls
+
+
+def _check_observed_isolated(blocks: list[Block]) -> None:
+    owner: dict[int, int] = {}
+    for block in blocks:
+        for layer in block.layers:
+            for p in (p for module in layer.modules for p in module.parameters()):
+                seen = owner.setdefault(id(p), block.index)
+                if seen != block.index:
+                    raise PartitionError(
+                        f"a parameter of layer {layer.index} ({', '.join(layer.names)}; block {block.index}) is "
+                        f"also used in block {seen}: a gradient would cross the block boundary. Give each layer "
+                        "its own parameters, or use a larger n so both fall in one block."
                     )
