@@ -60,18 +60,25 @@ CURVE_FIELDS = ["dataset", "setting", "seed", "epoch", "val_acc", "train_acc", "
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """Runs in priority order: seed by seed, both datasets per seed, so a cut study keeps complete seeds.
+    """Runs in priority order, so that a study cut short keeps complete seeds where they matter most.
 
-    EventMNIST runs outside ``--event-settings``/``--event-seeds`` come last, as extras a later session may finish.
+    Seed by seed, both datasets per seed (the longer EventMNIST runs first) for the first ``--event-early-seeds``
+    seeds; then the remaining MNIST-5k seeds; then the remaining EventMNIST seeds; last, the EventMNIST settings
+    outside ``--event-settings`` (extras a later session may finish).
     """
-    order = sorted(args.datasets, key=lambda d: d != "event_mnist")  # the longest runs first within a seed
-    core, extra = [], []
-    for seed in args.seeds:
-        for d in order:
+    event = "event_mnist" in args.datasets
+    static = [d for d in args.datasets if d != "event_mnist"]
+    early, late_static, late_event, extra = [], [], [], []
+    for i, seed in enumerate(args.seeds):
+        for d in (["event_mnist"] if event else []) + static:
             for s in args.settings:
-                is_core = d != "event_mnist" or (s in args.event_settings and seed in args.event_seeds)
-                (core if is_core else extra).append((d, s, seed))
-    return core + extra
+                if d == "event_mnist" and (s not in args.event_settings or seed not in args.event_seeds):
+                    extra.append((d, s, seed))
+                elif i < args.event_early_seeds:
+                    early.append((d, s, seed))
+                else:
+                    (late_event if d == "event_mnist" else late_static).append((d, s, seed))
+    return early + late_static + late_event + extra
 
 
 def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -373,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         help="EventMNIST settings run with the MNIST-5k ones; the others are queued after them",
     )  # fmt: skip
     parser.add_argument("--event-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs-mnist", type=int, default=12)
+    parser.add_argument(
+        "--event-early-seeds", type=int, default=2, help="seeds run on both datasets before the other MNIST-5k seeds"
+    )
+    parser.add_argument("--epochs-mnist", type=int, default=10)
     parser.add_argument("--epochs-event", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
