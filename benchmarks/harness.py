@@ -11,7 +11,9 @@ optimizer and loss, so that the only difference between two rows of a table is t
   to separate what the strategy's neuron kernel and what the method contribute;
 * ``d``: ``a`` after SpikingJelly's ``memopt.optimize_memory`` (checkpointing + spike compression, exact
   gradients);
-* ``e``: ``c`` with every block checkpointed by memopt in pieces that start at spikes, bit-compressed.
+* ``e``: ``c`` with every block checkpointed by memopt in pieces that start at spikes, bit-compressed;
+* ``ap``, ``bp``, ``cp``: ``a``, ``b`` and ``c`` (first setting) with binary saved tensors packed to bits
+  (:func:`lightning_tlbptt.packing.binary_saved_tensors` around each batch's forward and backward).
 
 Speed and memory are measured in separate passes, since the memory meters slow training down. Every run is
 a fresh training in a fresh child process, so that no run inherits another's heap, caches or process group;
@@ -21,6 +23,7 @@ all methods alike.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import ctypes.util
@@ -49,7 +52,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
+from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, packing
 from lightning_tlbptt import models as zoo
 
 __all__ = [
@@ -228,6 +231,7 @@ class Method:
     k: int | None = None
     n: int | None = None
     fast_neurons: bool = True
+    pack: bool = False
 
     @property
     def label(self) -> str:
@@ -239,7 +243,7 @@ class Method:
             "d": "(d) BPTT + memopt",
             "e": f"(e) ours k={self.k}, n={self.n} + memopt",
         }
-        return names[self.kind]
+        return names[self.kind] + (", packed" if self.pack else "")
 
 
 def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
@@ -256,8 +260,14 @@ def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
             rows.append(Method("b", w.T, 1 << 30, fast_neurons=kind == "b"))
         elif kind in ("a", "aL", "d"):
             rows.append(Method(kind))
+        elif kind == "ap":
+            rows.append(Method("a", pack=True))
+        elif kind == "bp":
+            rows.append(Method("b", w.T, 1 << 30, pack=True))
+        elif kind == "cp":
+            rows.append(Method("c", *w.settings[0], pack=True))
         else:
-            raise ValueError(f"unknown method {kind!r}; choose among a, aL, b, bs, c, cs, d, e")
+            raise ValueError(f"unknown method {kind!r}; choose among a, aL, ap, b, bs, bp, c, cs, cp, d, e")
     return rows
 
 
@@ -349,6 +359,49 @@ class _CheckpointBlocks(Callback):
             block.module = checkpoint_block(block.module, binary_input=block.index == 0)
 
 
+class _PackEachBatch(Callback):
+    """Methods ``bp``, ``cp``: binary saved tensors packed to bits in the strategy's setup and in each batch.
+
+    Entered around the whole batch rather than around each chunk (where the strategy would enter it): what is saved
+    and how it is packed are the same, the marking hooks are installed once per batch instead of once per chunk.
+    The strategy's setup runs one chunk through the whole network with gradients (to cut it into blocks); that
+    is packed too (a callback's ``setup`` runs before the strategy's), else its saved tensors set the peak.
+    """
+
+    def __init__(self) -> None:
+        self._context: packing.BinaryPacking | None = None
+
+    def _enter(self, pl_module: L.LightningModule) -> None:
+        self._exit()
+        self._context = packing.binary_saved_tensors(pl_module)
+        self._context.__enter__()
+
+    def _exit(self, *args: Any, **kwargs: Any) -> None:
+        if self._context is not None:
+            self._context.__exit__(None, None, None)
+            self._context = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._enter(pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._enter(pl_module)  # again: the local classifiers the strategy added in its setup now get hooks
+
+    on_fit_start = on_train_batch_end = teardown = _exit
+
+
+class _FirstBatch(Callback):
+    """Calls ``function`` once, when the first training batch starts."""
+
+    def __init__(self, function: Callable[[], None]) -> None:
+        self.function: Callable[[], None] | None = function
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        if self.function is not None:
+            self.function()
+            self.function = None
+
+
 class _BatchTimer(Callback):
     """Wall and CPU seconds from ``on_train_batch_start`` to ``on_train_batch_end`` of every batch."""
 
@@ -379,18 +432,30 @@ class Run:
     optimizer: torch.optim.Optimizer
 
 
-def train(method: Method, w: Workload, batches: Batches, device: torch.device, seed: int = 0) -> Run:
-    """Train ``method`` on ``batches`` from the same initial weights; time each batch."""
+def train(
+    method: Method,
+    w: Workload,
+    batches: Batches,
+    device: torch.device,
+    seed: int = 0,
+    at_first_batch: Callable[[], None] | None = None,
+) -> Run:
+    """Train ``method`` on ``batches`` from the same initial weights; time each batch.
+
+    ``at_first_batch`` is called when the first batch starts, after the setup (the strategy's probe of the network).
+    """
     net = build_network(w, seed)
     loader = DataLoader(batches, batch_size=None)
     if method.kind == "d":
         net = memopt_network(net, batches[0][0][:2].transpose(0, 1))
     if method.kind in ("a", "d"):
-        return _train_plain(net, w, loader, device)
-    return _train_lightning(method, net, w, loader, device)
+        if at_first_batch is not None:
+            at_first_batch()
+        return _train_plain(net, w, loader, device, method.pack)
+    return _train_lightning(method, net, w, loader, device, at_first_batch)
 
 
-def _train_plain(net: nn.Module, w: Workload, loader: DataLoader, device: torch.device) -> Run:
+def _train_plain(net: nn.Module, w: Workload, loader: DataLoader, device: torch.device, pack: bool = False) -> Run:
     """The loop of a SpikingJelly user: reset, forward over all T, loss on the mean output, backward, step.
 
     The step is a function, as in most training scripts: its locals (the output sequence and the loss,
@@ -403,10 +468,11 @@ def _train_plain(net: nn.Module, w: Workload, loader: DataLoader, device: torch.
 
     def step(x: Tensor, y: Tensor) -> None:
         functional.reset_net(net)
-        out_seq = net(x.transpose(0, 1))  # [B, T, ...] -> [T, B, ...]
-        loss = _loss(w, out_seq, y)
-        optimizer.zero_grad()
-        loss.backward()
+        with packing.binary_saved_tensors(net) if pack else contextlib.nullcontext():
+            out_seq = net(x.transpose(0, 1))  # [B, T, ...] -> [T, B, ...]
+            loss = _loss(w, out_seq, y)
+            optimizer.zero_grad()
+            loss.backward()
         optimizer.step()
 
     seconds = []
@@ -421,16 +487,25 @@ def _train_plain(net: nn.Module, w: Workload, loader: DataLoader, device: torch.
     return Run(seconds, list(net.parameters()), optimizer)
 
 
-def _train_lightning(method: Method, net: nn.Module, w: Workload, loader: DataLoader, device: torch.device) -> Run:
+def _train_lightning(
+    method: Method,
+    net: nn.Module,
+    w: Workload,
+    loader: DataLoader,
+    device: torch.device,
+    at_first_batch: Callable[[], None] | None = None,
+) -> Run:
     module = SpikingClassifier(net, loss=w.loss, optimizer=w.optimizer, lr=w.lr, lr_step_epochs=0)
     timer = _BatchTimer(_sync(device))
-    callbacks: list[Callback] = [timer]
+    callbacks: list[Callback] = [timer] if at_first_batch is None else [_FirstBatch(at_first_batch), timer]
     strategy: Any = "auto"
     if method.kind != "aL":
         assert method.k is not None and method.n is not None
         strategy = TruncatedLocalBPTT(k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons)
         if method.kind == "e":
             callbacks.append(_CheckpointBlocks())
+    if method.pack:
+        callbacks.append(_PackEachBatch())
     trainer = L.Trainer(
         strategy=strategy,
         accelerator=device.type,
@@ -501,7 +576,12 @@ class TensorMemoryMeter(TorchDispatchMode):
 
 @dataclass
 class Memory:
-    """Peak memory of one method over a short training run (see :func:`measure_memory`), in bytes."""
+    """Peak memory of one method over a short training run (see :func:`measure_memory`), in bytes.
+
+    ``saved``, ``tensors`` and ``cuda_max`` are peaks over the whole run; ``setup_*`` and ``batches_*`` split the
+    saved and true peaks (``peak``'s figure) at the start of the first batch: before it, the strategy's setup runs
+    one chunk through the network to cut it into blocks (the plain loop has no setup).
+    """
 
     saved: int
     state: int
@@ -509,6 +589,10 @@ class Memory:
     input_batch: int
     rss_delta: int
     cuda_max: int | None
+    setup_saved: int = 0
+    setup_peak: int = 0
+    batches_saved: int = 0
+    batches_peak: int = 0
 
     @property
     def saved_plus_state(self) -> int:
@@ -528,16 +612,31 @@ def _measure(method: Method, w: Workload, device: torch.device, n_batches: int) 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    setup: dict[str, int] = {}
     with SavedTensorsMeter() as saved, TensorMemoryMeter() as tensors:
-        run = train(method, w, batches, device)
+
+        def split_peaks() -> None:
+            setup.update(saved=saved.peak_bytes, tensors=tensors.peak_bytes)
+            saved.reset_peak()
+            tensors.peak_bytes = tensors.current_bytes
+            if cuda:
+                setup["cuda"] = torch.cuda.max_memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+
+        run = train(method, w, batches, device, at_first_batch=split_peaks)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda_batches = torch.cuda.max_memory_allocated() if cuda else None
     return Memory(
-        saved=saved.peak_bytes,
+        saved=max(setup["saved"], saved.peak_bytes),
         state=state_bytes(run.params, run.optimizer),
-        tensors=tensors.peak_bytes,
+        tensors=max(setup["tensors"], tensors.peak_bytes),
         input_batch=batches[0][0].numel() * batches[0][0].element_size(),
         rss_delta=(rss_after - rss_before) * 1024,  # Linux reports kilobytes
-        cuda_max=torch.cuda.max_memory_allocated() if cuda else None,
+        cuda_max=max(setup["cuda"], cuda_batches) if cuda_batches is not None else None,
+        setup_saved=setup["saved"],
+        setup_peak=setup["cuda"] if cuda else setup["tensors"],
+        batches_saved=saved.peak_bytes,
+        batches_peak=cuda_batches if cuda_batches is not None else tensors.peak_bytes,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -212,14 +214,32 @@ def test_in_place_change_of_a_passed_through_tensor_still_raises():
 
 def test_hooks_removed_on_exit_and_the_context_is_not_reentrant():
     net = _net(surrogate.Rect(alpha=1.0))
+    global_hooks = nn.modules.module._global_forward_hooks
+    before = len(global_hooks)
     context = packing.binary_saved_tensors(net)
     with context:
-        assert any(m._forward_hooks for m in net.modules())
+        assert len(global_hooks) == before + 1
         with pytest.raises(RuntimeError, match="already active"):
             context.__enter__()
-    assert not any(m._forward_hooks for m in net.modules())
+    assert len(global_hooks) == before
     with context:  # once exited, it can be entered again
         pass
+
+
+def test_modules_copied_inside_the_context_carry_nothing_of_it():
+    """The strategy deep-copies a neuron for each local classifier, possibly inside the context."""
+    net = _net(surrogate.Rect(alpha=1.0))
+    with packing.binary_saved_tensors(net):
+        copied = copy.deepcopy(net[1])
+    assert not copied._forward_hooks and not any(m._forward_hooks for m in net.modules())
+
+
+def test_only_the_given_modules_mark():
+    inside, outside = _lif(surrogate.Rect(alpha=1.0)), _lif(surrogate.Rect(alpha=1.0))
+    x = torch.randn(4, 2, 3)
+    with packing.binary_saved_tensors(inside):
+        assert packing.is_marked(inside(x)) and not packing.is_marked(outside(x))
+    assert not packing.is_marked(inside(x))  # no marking outside the context
 
 
 class _PackEachBatch(L.Callback):

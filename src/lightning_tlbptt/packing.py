@@ -10,7 +10,7 @@ How a tensor is known to be binary, without reading it:
 
 1. **Marks.** The outputs of spiking neurons (:data:`BINARY_NEURONS`: SpikingJelly's ``LIFNode``, ``IFNode``,
    ``ParametricLIFNode``, ... with a spiking surrogate; the strategy's neuron kernel runs inside ``LIFNode`` and is
-   covered) are marked by a forward hook that the context installs on the modules it is given. A mark is on the
+   covered) are marked by a forward hook that the context installs while it is active. A mark is on the
    output's *storage*, with the tensor's version counter and dtype: any view of a marked tensor (``flatten``,
    ``reshape``, ``transpose``, ``[T, B] -> [T * B]`` in SpikingJelly's multi-step layers) that lies inside the
    marked extent counts as marked; a copy does not (``.contiguous()`` of a transpose, a cast to half precision),
@@ -300,9 +300,14 @@ class BinaryPacking:
     Use :func:`binary_saved_tensors` to build one. The context may be entered again (once at a time): hooks are
     installed on enter and removed on exit. Backward may run after exit: what was packed inside is unpacked then.
 
+    The marking hook is one global module forward hook (``torch.nn.modules.module.register_module_forward_hook``)
+    while the context is active, not a hook on each module: nothing is stored on the modules, so a module that is
+    deep-copied or pickled inside the context (the strategy copies a neuron for each local classifier) copies no
+    hook and no reference to the context.
+
     Args:
-        modules: where to install the marking hooks (every submodule of each is searched; typically the network,
-            or the whole LightningModule to include local classifiers).
+        modules: the modules whose outputs may be marked (each with all its submodules, as found on entering);
+            none: every module.
         validate: check that every marked and every packed float tensor is 0/1 (slow; for debugging a custom
             neuron list).
         pack_bool: also pack ``torch.bool`` saved tensors (binary by dtype).
@@ -313,34 +318,24 @@ class BinaryPacking:
         self.validate = validate
         self.pack_bool = pack_bool
         self.stats = PackingStats()
-        self._handles: list[Any] = []
+        self._handle: Any = None
+        self._scope: set[int] | None = None
         self._outer: tuple[Any, Any] | None = None
         self._shared: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
-    # marking hooks ---------------------------------------------------------------------------------------------
-    def _neuron_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        function = getattr(module, "surrogate_function", None)
-        if isinstance(output, Tensor) and getattr(function, "spiking", True):
-            mark(output, f"{type(module).__name__} output", self.validate)
-
-    def _preserving_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if args and isinstance(args[0], Tensor) and is_marked(args[0]):
+    # marking hook ----------------------------------------------------------------------------------------------
+    def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._scope is not None and id(module) not in self._scope:
+            return
+        if type(module) in BINARY_NEURONS:
+            function = getattr(module, "surrogate_function", None)
+            if isinstance(output, Tensor) and getattr(function, "spiking", True):
+                mark(output, f"{type(module).__name__} output", self.validate)
+        elif isinstance(module, BINARY_PRESERVING) and args and isinstance(args[0], Tensor) and is_marked(args[0]):
             out = output[0] if isinstance(output, tuple) else output  # max pooling with return_indices
             if isinstance(out, Tensor):
                 mark(out, f"{type(module).__name__} of spikes", self.validate)
-
-    def _install(self) -> None:
-        seen: set[int] = set()
-        for root in self.modules:
-            for module in root.modules():
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
-                if type(module) in BINARY_NEURONS:
-                    self._handles.append(module.register_forward_hook(self._neuron_hook))
-                elif isinstance(module, BINARY_PRESERVING):
-                    self._handles.append(module.register_forward_hook(self._preserving_hook))
 
     # saved-tensor hooks ----------------------------------------------------------------------------------------
     def _pack(self, tensor: Tensor) -> Any:
@@ -411,7 +406,8 @@ class BinaryPacking:
             )
         top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
         self._outer = top(False) if top is not None else None
-        self._install()
+        self._scope = {id(m) for root in self.modules for m in root.modules()} if self.modules else None
+        self._handle = nn.modules.module.register_module_forward_hook(self._forward_hook)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self.stats
@@ -422,17 +418,16 @@ class BinaryPacking:
         assert self._hooks is not None
         self._hooks.__exit__(exc_type, exc, tb)
         self._hooks = None
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._handle.remove()
+        self._handle = self._scope = None
         self._shared = WeakIdKeyDictionary()
 
 
 def binary_saved_tensors(*modules: nn.Module, validate: bool = False, pack_bool: bool = True) -> BinaryPacking:
     """Save known-binary tensors at one bit each while the context is active; yields its :class:`PackingStats`.
 
-    ``modules``: the network(s) whose spiking neurons (and max pools, flattens) mark their outputs as binary. Enter
-    it around a forward and its backward (the strategy: around each chunk); gradients are bit-identical to those
-    without it. See :class:`BinaryPacking` for the options.
+    ``modules``: the network(s) whose spiking neurons (and max pools, flattens) mark their outputs as binary (none:
+    all modules). Enter it around a forward and its backward (the strategy: around each chunk); gradients are
+    bit-identical to those without it. See :class:`BinaryPacking` for the options.
     """
     return BinaryPacking(*modules, validate=validate, pack_bool=pack_bool)
