@@ -562,11 +562,13 @@ class TruncatedLocalBPTT(DDPStrategy):
         """One training batch, fetched before the loop starts: the network is observed before optimizers exist."""
         loader = trainer.fit_loop._data_source.dataloader()
         combined = CombinedLoader(loader, "max_size_cycle")
-        iter(combined)
-        try:
-            batch, _, _ = next(combined)
-        except StopIteration:
-            raise ValueError("the training dataloader is empty: nothing to train on.") from None
+        # the user's RNG stream (shuffling, dropout) continues as if this batch had not been drawn
+        with torch.random.fork_rng(devices=[]):
+            iter(combined)
+            try:
+                batch, _, _ = next(combined)
+            except StopIteration:
+                raise ValueError("the training dataloader is empty: nothing to train on.") from None
         module = self.lightning_module
         assert module is not None
         device = next(module.parameters(), torch.empty(0)).device
