@@ -8,6 +8,7 @@ must be logged, and callbacks monitoring them must work.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -225,17 +226,17 @@ ZOO: dict[str, tuple[Any, tuple[int, ...], bool]] = {
 }
 SLOW_ZOO: dict[str, tuple[Any, tuple[int, ...], bool]] = {
     **{
-        name: (lambda f=getattr(spiking_resnet, name): _resnet(f), (3, 16, 16), False)
+        name: (functools.partial(_resnet, getattr(spiking_resnet, name)), (3, 16, 16), False)
         for name in spiking_resnet.__all__
         if name.startswith("spiking_") and name != "spiking_resnet18"
     },
     **{
-        name: (lambda f=getattr(sew_resnet, name): _resnet(f, cnf="ADD"), (3, 16, 16), False)
+        name: (functools.partial(_resnet, getattr(sew_resnet, name), cnf="ADD"), (3, 16, 16), False)
         for name in sew_resnet.__all__
         if name.startswith("sew_") and name != "sew_resnet18"
     },
     **{
-        name: (lambda f=getattr(spiking_vgg, name): _resnet(f), (3, 32, 32), False)
+        name: (functools.partial(_resnet, getattr(spiking_vgg, name)), (3, 32, 32), False)
         for name in spiking_vgg.__all__
         if name.startswith("spiking_vgg")
     },
