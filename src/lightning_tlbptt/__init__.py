@@ -15,7 +15,7 @@ from lightning_tlbptt.models import MODELS, PaperNeuron, build_model
 from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.paper import PaperClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, partition
-from lightning_tlbptt.strategy import TruncatedLocalBPTT
+from lightning_tlbptt.strategy import TruncatedLocalBPTT, strip_local_classifiers
 
 __all__ = [
     "MODELS",
@@ -40,6 +40,7 @@ __all__ = [
     "partition",
     "rate_cross_entropy",
     "rate_mse",
+    "strip_local_classifiers",
     "to_time_major",
 ]
 

@@ -37,7 +37,7 @@ from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import loss_name
 from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.partitioning import Partition, find_network, partition
-from lightning_tlbptt.strategy import CLASSIFIERS_ATTR, TruncatedLocalBPTT
+from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
 __all__ = ["CostMonitor", "MemoryMonitor", "OpCounterMonitor", "SpikeDensityMonitor"]
 
@@ -88,10 +88,7 @@ class _Setup:
     classifiers: nn.ModuleList | None
 
     def inputs(self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> Tensor:
-        """The batch's network input as ``[T, B, ...]``, read the way the strategy (or module) reads it."""
-        strategy = trainer.strategy
-        if isinstance(strategy, TruncatedLocalBPTT):
-            return strategy.time_major_batch(batch)[0]
+        """The batch's network input as ``[T, B, ...]``, read the way the module reads it."""
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return to_time_major(x, getattr(module, "batch_layout", None) or "BT", getattr(module, "T", None))
 
@@ -108,7 +105,7 @@ def _setup(trainer: pl.Trainer, module: pl.LightningModule) -> _Setup:
             classifier=strategy.classifier,
             classifier_pool=strategy.classifier_pool,
             loss=loss_name(strategy.loss_fn),
-            classifiers=getattr(module, CLASSIFIERS_ATTR, None),
+            classifiers=strategy.local_classifiers,
         )
     _, net = find_network(module)
     part = partition(net, 1 << 30)

@@ -536,9 +536,12 @@ def observe(
     except PartitionError:
         raise
     except Exception as err:
+        received = f" Its first module received {list(steps[0])} (probed on the first step only)." if steps else ""
         raise PartitionError(
-            f"the probe forward of {type(net).__name__} failed ({type(err).__name__}: {err}). TruncatedLocalBPTT "
-            "runs the network once on the first batch to find where it can be cut."
+            f"the probe forward of {type(net).__name__} failed ({type(err).__name__}: {err}).{received} "
+            "TruncatedLocalBPTT runs the network once on the first batch to find where to cut it. SpikingJelly's "
+            "multi-step modules take [T, B, ...]: if the data has no time axis, repeat it over T steps before the "
+            "network (e.g. SpikingClassifier(T=...)) or encode it."
         ) from err
     finally:
         for handle in handles:

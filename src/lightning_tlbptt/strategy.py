@@ -71,6 +71,10 @@ class _Captured(Exception):
         self.args, self.kwargs = args, kwargs
 
 
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` while the network's input is captured before training starts."""
+
+
 def _keep_state() -> None:
     """Stands in for ``MemoryModule.reset`` while the chunks of one batch run: state carries across them."""
 
@@ -243,7 +247,15 @@ class TruncatedLocalBPTT(DDPStrategy):
             neurons.accelerate(getattr(module, CLASSIFIERS_ATTR))
         # Optimizers and schedulers are configured the automatic way (monitor, frequency, plateau kept);
         # training then runs under manual optimisation, where Lightning does no backward or step of its own.
-        super().setup(trainer)
+        try:
+            super().setup(trainer)
+        except RuntimeError as err:
+            if "multiple optimizers" not in str(err):
+                raise
+            raise MisconfigurationException(
+                "TruncatedLocalBPTT steps one optimizer per chunk; configure_optimizers returned several. Return a "
+                "single optimizer (use parameter groups for different learning rates)."
+            ) from err
         module.automatic_optimization = False
         self._check_optimizers(module)
         self._patch_scheduler_updates(trainer)
@@ -586,6 +598,8 @@ class TruncatedLocalBPTT(DDPStrategy):
             raise _Captured(args, kwargs)
 
         handle = net.register_forward_pre_hook(capture, with_kwargs=True)
+        # outside Lightning's loop `self.log` raises; what training_step logs before the network runs is dropped
+        module.log = module.log_dict = _ignore  # type: ignore[method-assign]
         try:
             with torch.no_grad(), self._holding_states((net,)):
                 module.training_step(batch, 0)
@@ -599,6 +613,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             )
         finally:
             handle.remove()
+            del module.log, module.log_dict
         found = observe(net, self.n, args, kwargs, slice_time=self._split == "network")
         entry_shape = found.entry_shape
         self.partition = found.partition
@@ -759,12 +774,6 @@ class TruncatedLocalBPTT(DDPStrategy):
         return "outside the blocks"
 
     def _check_optimizers(self, module: pl.LightningModule) -> None:
-        if len(self.optimizers) != 1:
-            raise MisconfigurationException(
-                f"TruncatedLocalBPTT steps one optimizer per chunk; configure_optimizers returned "
-                f"{len(self.optimizers)}. Return a single optimizer (use parameter groups for different "
-                "learning rates)."
-            )
         # A configure_optimizers written over one attribute (e.g. `self.net.parameters()`) leaves the local
         # classifiers out: give them a parameter group with the optimizer's defaults rather than not train them.
         optimizer = self.optimizers[0]
