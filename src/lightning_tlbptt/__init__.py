@@ -14,7 +14,7 @@ from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.models import MODELS, PaperNeuron, build_model
 from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.paper import PaperClassifier
-from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, partition
+from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe, partition
 from lightning_tlbptt.strategy import TruncatedLocalBPTT, strip_local_classifiers
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "estimate",
     "figure_of_merit",
     "find_network",
+    "observe",
     "partition",
     "rate_cross_entropy",
     "rate_mse",
@@ -44,4 +45,4 @@ __all__ = [
     "to_time_major",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

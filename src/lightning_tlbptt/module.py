@@ -14,7 +14,6 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_tlbptt.layout import BatchLayout, to_time_major
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.partitioning import partition
-from lightning_tlbptt.strategy import CLASSIFIERS_ATTR
 
 __all__ = ["SpikingClassifier"]
 
@@ -71,18 +70,6 @@ class SpikingClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(inferred)
         self.val_acc = MulticlassAccuracy(inferred)
         self.test_acc = MulticlassAccuracy(inferred)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the local classifiers of a TruncatedLocalBPTT checkpoint unless this module trains with them.
-
-        They are added to the module by the strategy only while it trains, and inference does not use them;
-        without this, ``validate``/``test`` with ``--ckpt_path`` and ``load_from_checkpoint`` would refuse the
-        checkpoint for its unexpected keys (Lightning loads strictly).
-        """
-        if not hasattr(self, CLASSIFIERS_ATTR):
-            prefix = f"{CLASSIFIERS_ATTR}."
-            state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {key: value for key, value in state.items() if not key.startswith(prefix)}
 
     def forward(self, x: Tensor) -> Tensor:
         """``[B, T, ...]`` (or ``[B, ...]`` with ``T`` set) -> output sequence ``[T, B, num_classes]``."""

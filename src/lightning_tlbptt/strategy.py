@@ -33,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -229,7 +229,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         module = self.lightning_module
         assert module is not None
         if trainer.state.fn != TrainerFn.FITTING:
-            super().setup(trainer)
+            self._setup_devices(trainer)
             return
         if self.world_size == 1:
             # Lightning injects a shuffling DistributedSampler for any DDP strategy; on one device the
@@ -248,7 +248,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         # Optimizers and schedulers are configured the automatic way (monitor, frequency, plateau kept);
         # training then runs under manual optimisation, where Lightning does no backward or step of its own.
         try:
-            super().setup(trainer)
+            self._setup_devices(trainer)
         except RuntimeError as err:
             if "multiple optimizers" not in str(err):
                 raise
@@ -267,6 +267,17 @@ class TruncatedLocalBPTT(DDPStrategy):
             f"{len(self.partition.layers)} layers in {len(blocks)} block(s): "
             + " | ".join(",".join(b.names) for b in blocks)
         )
+
+    def _setup_devices(self, trainer: pl.Trainer) -> None:
+        if self.world_size > 1:
+            super().setup(trainer)
+        else:  # one device: exactly what a single-device strategy does (no process group to sync over)
+            Strategy.setup(self, trainer)
+
+    @override
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        # never a DistributedDataParallel wrapper (see configure_ddp)
+        return model
 
     @override
     def teardown(self) -> None:
