@@ -59,8 +59,15 @@ def main() -> None:
     print("memory (one fresh process per method):", flush=True)
     memory = {}
     for method in methods:
-        memory[method] = H.measure_memory(method, w, device)
+        try:
+            memory[method] = H.measure_memory(method, w, device)
+        except Exception as err:  # one broken method (e.g. on a new device) should not take the others' rows
+            if method is methods[0]:
+                raise
+            print(f"  {method.label:<32} FAILED, left out: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            continue
         print(f"  {method.label:<32} peak {memory[method].peak / H.MiB:9.1f} MiB", flush=True)
+    methods = [m for m in methods if m in memory]
     print(f"speed ({rounds} interleaved round(s), {args.timed_batches} timed batch(es) per run):", flush=True)
     speed = H.measure_speed(methods, w, device, rounds, args.timed_batches)
 
