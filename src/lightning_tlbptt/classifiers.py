@@ -65,6 +65,7 @@ class LocalClassifier(nn.Module):
         if kind == "random":
             self.linear.weight = UninitializedParameter(requires_grad=False)
             self.linear.bias = UninitializedParameter(requires_grad=False)
+            self.neuron.requires_grad_(False)  # e.g. ParametricLIFNode's decay `w`: frozen means every parameter
 
     def forward(self, x_seq: Tensor) -> Tensor:
         k, b = x_seq.shape[:2]

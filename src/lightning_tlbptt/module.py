@@ -7,15 +7,27 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
-from spikingjelly.activation_based import functional
+from spikingjelly.activation_based import functional, layer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tlbptt.layout import BatchLayout, to_time_major
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
-from lightning_tlbptt.partitioning import partition
 
-__all__ = ["SpikingClassifier"]
+__all__ = ["SpikingClassifier", "output_width"]
+
+
+def output_width(net: nn.Module) -> int:
+    """Width of ``net``'s output, read from its last Linear/Conv (over a trailing ``VotingLayer``'s votes)."""
+    width = None
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        elif isinstance(m, layer.VotingLayer) and width is not None:
+            width //= m.voting_size
+    if width is None:
+        raise ValueError(f"{type(net).__name__} has no Linear or Conv layer: pass num_classes=")
+    return width
 
 
 class SpikingClassifier(pl.LightningModule):
@@ -27,7 +39,7 @@ class SpikingClassifier(pl.LightningModule):
 
     Args:
         net: a SpikingJelly network mapping ``[T, B, ...]`` to ``[T, B, num_classes]``.
-        num_classes: inferred from the network's output layer when not given.
+        num_classes: inferred from the network's output layer when not given (:func:`output_width`).
         T: time steps to repeat static inputs over (direct encoding); ``None`` for sequences.
         batch_layout: ``"BT"`` or ``"TB"`` for sequence inputs (read by ``TruncatedLocalBPTT`` too).
         loss: ``"mse"`` (paper's Eq. 3), ``"ce"`` or a callable ``(out_seq, target) -> scalar``.
@@ -58,7 +70,7 @@ class SpikingClassifier(pl.LightningModule):
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        inferred = partition(net, 1 << 30).num_classes
+        inferred = output_width(net)
         if num_classes is not None and num_classes != inferred:
             raise ValueError(f"num_classes={num_classes} but the network's output layer has {inferred} outputs")
         self.save_hyperparameters(ignore=["net", "loss"])

@@ -351,6 +351,11 @@ class TruncatedLocalBPTT(DDPStrategy):
         assert module is not None and self._net is not None
         batch, rest = (args[0], args[1:]) if args else (kwargs.pop("batch"), ())
         batch_idx = rest[0] if rest else kwargs.get("batch_idx", 0)
+        if _batch_size(batch) == 0:
+            raise ValueError(
+                f"batch {batch_idx} is empty (its first tensor has 0 samples): nothing to train on. Check the "
+                "dataset and the sampler, or drop empty batches (DataLoader(drop_last=True))."
+            )
         if not self._checked_first_batch:
             self._reobserve_if_changed(module, batch)
         classifiers: nn.ModuleList = getattr(module, CLASSIFIERS_ATTR)
@@ -367,11 +372,13 @@ class TruncatedLocalBPTT(DDPStrategy):
                 output = super().training_step(chunk, *rest, **kwargs)
                 if self._split == "network":
                     self._check_window(chunk_index)
+                if chunk_index == 0 and self.world_size > 1:
+                    self._agree_on_chunks(batch, batch_idx)
                 losses = self._backward(module, output, target_slot[0])
                 totals = totals + losses.to(totals.device)
                 self._optimizer_step(module, chunk_index, batch_idx, output)
                 for net in nets:
-                    functional.detach_net(net)
+                    _detach_states(net)
                 n_chunks += 1
         for net in nets:  # free the last chunk's states now rather than when the next batch starts
             functional.reset_net(net)
@@ -452,6 +459,25 @@ class TruncatedLocalBPTT(DDPStrategy):
             raise ValueError(
                 f"k={self.k} is larger than the number of time steps T={self._seen_T} the network receives; "
                 f"choose k <= {self._seen_T}."
+            )
+
+    def _agree_on_chunks(self, batch: Any, batch_idx: int) -> None:
+        """Every rank must run as many chunks (optimizer steps, gradient all-reduces) as the others.
+
+        One small all-reduce per batch; on disagreement every rank raises the same error at once instead of
+        waiting in the next gradient all-reduce until the process group times out.
+        """
+        steps = self._seen_T if self._split == "network" else len(self.split_batch(batch, self.k)) * self.k
+        chunks = -(-int(steps or 0) // self.k)
+        counts = torch.tensor([chunks, -chunks], device=self.root_device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        most, fewest = int(counts[0]), -int(counts[1])
+        if most != fewest:
+            raise ValueError(
+                f"ranks disagree on the number of chunks of batch {batch_idx}: between {fewest} and {most} chunks "
+                f"of k={self.k} steps (this rank: {chunks}), so their optimizer steps and gradient all-reduces "
+                "cannot pair up. Give every rank batches of the same length T (pad, or bucket sequences by length "
+                "across ranks), or train on one device."
             )
 
     def _backward(self, module: pl.LightningModule, output: STEP_OUTPUT, target: Tensor | None) -> Tensor:
@@ -858,6 +884,16 @@ def strip_local_classifiers(checkpoint: dict[str, Any]) -> dict[str, Any]:
     prefix = f"{CLASSIFIERS_ATTR}."
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
     return checkpoint
+
+
+def _detach_states(net: nn.Module) -> None:
+    """``functional.detach_net``, out of place: a recurrent container's state can be a view, which ``detach_``
+    refuses ("Can't detach views in-place")."""
+    for m in net.modules():
+        if isinstance(m, base.MemoryModule):
+            for key, value in m._memories.items():
+                if isinstance(value, Tensor):
+                    m._memories[key] = value.detach()
 
 
 def _bind(fn: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
