@@ -299,7 +299,7 @@ def report(args: argparse.Namespace) -> int:
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(args.img / "study_curves.png", dpi=110)
     plt.close(fig)
@@ -321,7 +321,7 @@ def report(args: argparse.Namespace) -> int:
         ax.set_xlabel("peak training memory, MiB (saved activations + state; log scale)")
         ax.set_ylabel("final validation accuracy (%)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(args.img / "study_pareto.png", dpi=110)
     plt.close(fig)
@@ -355,14 +355,15 @@ def report(args: argparse.Namespace) -> int:
                     fmt=f"-{marker}",
                     color=color,
                     capsize=4,
-                    label=f"n = {n}, {kind} classifiers (mean, min-max)",
+                    label=f"n = {n} ({n} layer(s) per block), {kind} classifiers (mean, min-max)",
                 )
         ax.set_title(f"{DATASET_NAMES[d]}: accuracy against truncation length k")
         ax.set_xlabel("k (time steps per truncated chunk)")
         ax.set_ylabel("final validation accuracy (%)")
         ax.set_xticks([2, 5, 10])
+        ax.set_xlim(1, 11)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(args.img / "study_accuracy_vs_k.png", dpi=110)
     plt.close(fig)
