@@ -34,7 +34,10 @@ fi
 OUT_DIR="${OUT:-$ROOT/benchmarks/results}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_log.txt"
-exec > >(tee -a "$LOG") 2>&1
+if [[ -z "${GPU_SH_LOGGING:-}" ]]; then  # run again with all output also in the log; tee ends before we do
+    GPU_SH_LOGGING=1 bash "${BASH_SOURCE[0]}" "$@" 2>&1 | tee -a "$LOG"
+    exit "${PIPESTATUS[0]}"
+fi
 DEVICE="${DEVICE:-cuda}"
 BUDGET="${GPU_BUDGET_S:-270}"
 START=$SECONDS
@@ -89,38 +92,40 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # --- Runs, most important first; each gets what is left of the budget ------------------------------------------
 FAILED=()
-run() {  # run NAME CSV_GLOB -- COMMAND...: run while time is left, then copy the CSVs it wrote to OUT_DIR
-    local name="$1" pattern="$2"
-    shift 3
+run() {  # run NAME MIN_S CSV_GLOB -- COMMAND...: run if MIN_S of the budget are left, move the CSVs it wrote
+    local name="$1" min="$2" pattern="$3"
+    shift 4
     local left=$((BUDGET - (SECONDS - START)))
-    if ((left < 30)); then
-        echo "== skipped $name: ${left}s of the budget left"
+    if ((left < min)); then
+        echo "== skipped $name: ${left}s of the budget left, it needs about ${min}s"
         FAILED+=("$name (skipped)")
         return
     fi
     echo "== $name ($((SECONDS - START))s in, ${left}s left): $*"
+    local began=$SECONDS
     if ! timeout --kill-after=10 "$left" "$@"; then
         echo "== $name failed or ran out of time"
         FAILED+=("$name")
     fi
+    echo "== $name took $((SECONDS - began))s"
     if [[ "$OUT_DIR" != "$ROOT/benchmarks/results" ]]; then
         for f in $ROOT/benchmarks/results/$pattern; do
-            [[ -f "$f" && "$f" -nt "$LOG.start" ]] && cp "$f" "$OUT_DIR/"
+            [[ -f "$f" && "$f" -nt "$OUT_DIR/.start" ]] && mv "$f" "$OUT_DIR/"
         done
     fi
 }
-touch "$LOG.start"
+touch "$OUT_DIR/.start"
 QUICK_FLAG=()
 [[ "${QUICK:-0}" == 1 ]] && QUICK_FLAG=(--quick)
 TAG="$DEVICE"
-run "packing exactness check" "none" -- "$PY" benchmarks/packing.py --check --device "$DEVICE"
+run "packing exactness check" 20 "none" -- "$PY" benchmarks/packing.py --check --device "$DEVICE"
 SM=("$PY" benchmarks/speed_memory.py --device "$DEVICE" --rounds 1 --tag "$TAG" "${QUICK_FLAG[@]}")
-run "speed_memory alexnet" "speed_memory_alexnet*_$TAG.csv" -- "${SM[@]}" --network alexnet
-run "packing alexnet" "packing_*.csv" -- "$PY" benchmarks/packing.py --device "$DEVICE" --rounds 1 \
+run "speed_memory alexnet" 60 "speed_memory_alexnet*_$TAG.csv" -- "${SM[@]}" --network alexnet
+run "packing alexnet" 60 "packing_*.csv" -- "$PY" benchmarks/packing.py --device "$DEVICE" --rounds 1 \
     --out "$OUT_DIR" "${QUICK_FLAG[@]}"
-run "speed_memory lenet2" "speed_memory_lenet2*_$TAG.csv" -- "${SM[@]}" --network lenet2 --methods a,b,bs,c
-run "speed_memory resnet18" "speed_memory_resnet18*_$TAG.csv" -- "${SM[@]}" --network resnet18 --methods a,b,bs,c
-rm -f "$LOG.start"
+run "speed_memory lenet2" 60 "speed_memory_lenet2*_$TAG.csv" -- "${SM[@]}" --network lenet2 --methods a,b,bs,c
+run "speed_memory resnet18" 60 "speed_memory_resnet18*_$TAG.csv" -- "${SM[@]}" --network resnet18 --methods a,b,bs,c
+rm -f "$OUT_DIR/.start"
 
 echo "== done in $((SECONDS - START))s; files in $OUT_DIR:"
 ls -l "$OUT_DIR"

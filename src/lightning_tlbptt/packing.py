@@ -17,15 +17,15 @@ How a tensor is known to be binary, without reading it:
    and an in-place change after marking (which bumps the version counter) drops the mark. Modules that keep
    binary inputs binary (:data:`BINARY_PRESERVING`: max pooling, flatten, identity) pass a mark on from their
    input to their output. :func:`mark` marks any tensor by hand (e.g. event frames that are known to be 0/1).
-2. **dtype.** ``torch.bool`` tensors are binary by type and are always packed.
+2. **dtype.** ``torch.bool`` tensors are binary by type and are packed too (unless ``pack_bool=False``).
 
 Packing (:func:`pack_bits`) writes the values as int8 into a buffer padded to a multiple of 8, reads each group of
 eight bytes as one little-endian int64 and gathers its eight low bits into the top byte with one multiplication by
 ``0x0102040810204080`` (the eight partial products land on distinct bit positions, so nothing carries into the top
 byte). Unpacking (:func:`unpack_bits`) reverses it: each byte times ``0x0101010101010101``, masked with
 ``0x8040201008040201``, holds bit ``i`` in byte ``i``, and ``!= 0`` writes it as 0 or 1 in the target dtype. Both are
-plain torch ops on the tensor's own device; nothing goes through numpy or the host. Packed copies
-are shared: two ops that save the same marked tensor hold one packed copy.
+plain torch ops on the tensor's own device; nothing goes through numpy or the host. Packed copies are shared: two
+ops that save the same marked tensor hold one packed copy.
 
 The hooks nest: pack hooks that are active when the context is entered (e.g.
 :class:`~lightning_tlbptt.memory.SavedTensorsMeter`, the ``MemoryMonitor`` callback) still see every saved tensor,
@@ -33,11 +33,11 @@ the packed ones as their packed bytes, so meters report what is really kept. Ins
 (and SpikingJelly's ``memopt``) only the checkpoint's own hooks run, as for any saved-tensor hook.
 
 Wrong use: a marked tensor that is not 0/1 (a custom neuron emitting -1/0/1 or counts, marked by hand) would be
-packed to wrong values. Packing never reads values to decide, so this is not detected by default; with
-``validate=True`` every mark and every packed tensor is checked (one extra pass and, on CUDA, a synchronisation
-each) and a :class:`NotBinaryError` names the tensor's origin. Only neurons of the exact classes in
-:data:`BINARY_NEURONS` are marked: subclasses that change the output (``ILIFNode`` emits counts, ``LIAFNode`` analog
-values, ``TernaryLIFNode`` -1/0/1) are not.
+packed to wrong values (a 2 is not a bit: it spoils the whole byte). Packing never reads values to decide, so this
+is not detected by default; with ``validate=True`` every mark and every packed tensor is checked (one extra pass
+and, on CUDA, a synchronisation each) and a :class:`NotBinaryError` names the tensor's origin. Only neurons of the
+exact classes in :data:`BINARY_NEURONS` are marked, not their subclasses: SpikingJelly's ``ILIFNode`` (counts) and
+``LIAFNode`` (analog values) subclass ``LIFNode``.
 
 Example::
 
