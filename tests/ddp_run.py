@@ -1,12 +1,14 @@
 """A real 2-process DDP run (gloo, CPU) of TruncatedLocalBPTT, or its 1-process reference on the same global batches.
 
-Usage: ``python tests/ddp_run.py OUT_DIR ddp|single``. Writes ``OUT_DIR/<mode>_rank<r>.pt``: the gradients
+Usage: ``python tests/ddp_run.py OUT_DIR ddp|single|ragged`` (``ragged``: rank r's sequences have T = 4 + 2r).
+Writes ``OUT_DIR/<mode>_rank<r>.pt``: the gradients
 right before every optimizer step. Run as a script so that Lightning's launcher can start rank 1 the
 way it does for users (by re-running the script).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,9 +23,9 @@ from snn_fixtures import GradRecorder, conv_net
 PER_RANK_BATCH = 4
 
 
-def dataset() -> TensorDataset:
+def dataset(T: int = 4) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(16, 4, 1, 8, 8, generator=g) < 0.4).float()
+    x = (torch.rand(16, T, 1, 8, 8, generator=g) < 0.4).float()
     return TensorDataset(x, torch.arange(16) % 4)
 
 
@@ -41,8 +43,8 @@ def global_batches(ds: TensorDataset) -> list[list[int]]:
 
 
 def main(out: Path, mode: str) -> None:
-    ds = dataset()
-    if mode == "ddp":
+    ds = dataset(4 + 2 * int(os.environ.get("LOCAL_RANK", "0")) if mode == "ragged" else 4)
+    if mode in ("ddp", "ragged"):
         loader = DataLoader(ds, batch_size=PER_RANK_BATCH)
         devices = 2
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 HERE = Path(__file__).parent
 
 
-def _run(out: Path, mode: str) -> None:
+def _run(out: Path, mode: str, expect_ok: bool = True) -> subprocess.CompletedProcess[str]:
     # earlier one-device runs in this process leave MASTER_ADDR/MASTER_PORT set (their gloo store may still hold
     # the port): let the 2-process run pick its own, as a fresh user process would
     inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
@@ -27,7 +28,8 @@ def _run(out: Path, mode: str) -> None:
     result = subprocess.run(
         [sys.executable, str(HERE / "ddp_run.py"), str(out), mode], env=env, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.returncode == 0) == expect_ok, result.stderr[-3000:]
+    return result
 
 
 @pytest.mark.distributed
@@ -44,3 +46,11 @@ def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path):
         for name in a:
             assert torch.equal(a[name], b[name]), f"ranks disagree on {name} at step {step}"
             torch.testing.assert_close(a[name], ref[name], atol=1e-6, rtol=1e-5, msg=f"{name} at step {step}")
+
+
+@pytest.mark.distributed
+def test_ranks_with_different_T_fail_together_at_once_instead_of_hanging(tmp_path):
+    started = time.monotonic()
+    result = _run(tmp_path, "ragged", expect_ok=False)
+    assert time.monotonic() - started < 300  # the gradient all-reduce would wait for the 1800 s timeout
+    assert "ranks disagree on the number of chunks of batch 0: between 2 and 3" in result.stderr
