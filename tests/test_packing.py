@@ -131,6 +131,16 @@ def test_views_of_spikes_are_packed_copies_and_changed_spikes_are_not():
     assert torch.equal(scale.grad, 3 * before.sum((0, 1)) + before[2:4].sum((0, 1)))
 
 
+def test_sparse_saved_tensors_pass_through():
+    dense = torch.randn(4, 3, requires_grad=True)
+    sparse = torch.eye(4).to_sparse().requires_grad_()
+    with packing.binary_saved_tensors() as stats:
+        out = torch.sparse.mm(sparse, dense)  # saves the sparse tensor and the dense one
+    assert stats.saved >= 1 and stats.packed == 0
+    out.sum().backward()
+    assert torch.equal(dense.grad, torch.ones(4, 3))
+
+
 def test_transposed_spikes_unpack_with_their_strides():
     spikes = (torch.rand(3, 4, 5) < 0.5).float()
     packing.mark(spikes)

@@ -203,7 +203,7 @@ def mark(tensor: Tensor, origin: str = "mark()", validate: bool = False) -> bool
     Raises:
         NotBinaryError: with ``validate=True``, when a value is not 0 or 1.
     """
-    if not tensor.is_floating_point() or tensor.numel() == 0 or _dense_order(tensor) is None:
+    if not _strided_float(tensor) or _dense_order(tensor) is None:
         return False
     if validate:
         _check_binary(tensor, origin)
@@ -221,8 +221,13 @@ def is_marked(tensor: Tensor) -> bool:
     return _mark_of(tensor) is not None
 
 
+def _strided_float(tensor: Tensor) -> bool:
+    """A float tensor with elements in an ordinary storage (not sparse, nested or a tensor subclass without one)."""
+    return tensor.layout == torch.strided and tensor.is_floating_point() and tensor.numel() > 0 and not tensor.is_meta
+
+
 def _mark_of(tensor: Tensor) -> _Mark | None:
-    if not tensor.is_floating_point() or tensor.numel() == 0:
+    if not _strided_float(tensor):
         return None
     marks = _MARKS.get(tensor.untyped_storage())
     if not marks:
@@ -353,7 +358,7 @@ class BinaryPacking:
 
     def _packed(self, tensor: Tensor) -> _Packed | None:
         if tensor.dtype == torch.bool:
-            if not self.pack_bool or tensor.numel() == 0:
+            if not self.pack_bool or tensor.numel() == 0 or tensor.layout != torch.strided or tensor.is_meta:
                 return None
             origin = None
         else:
