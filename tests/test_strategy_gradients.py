@@ -214,3 +214,18 @@ def test_single_step_networks_and_precision_plugins(make_trainer, precision):
     tol = 1e-6 if precision == "32-true" else 1e-2
     for name, p in reference.named_parameters():
         torch.testing.assert_close(recorder.steps[0][f"net.{name}"], p.grad, atol=tol, rtol=tol)
+
+
+def test_packed_spikes_train_bit_identically_and_save_less(make_trainer):
+    weights, peaks = [], []
+    for pack in (False, True):
+        module = SpikingClassifier(conv_net(), lr=0.1, lr_step_epochs=0)
+        with SavedTensorsMeter() as meter:
+            make_trainer(strategy=TruncatedLocalBPTT(k=4, n=1, pack_spikes=pack), max_steps=4).fit(
+                module, event_batches(n=16, T=8, batch_size=16)
+            )
+        weights.append([p.detach().clone() for p in module.net.parameters()])
+        peaks.append(meter.peak_bytes)
+    for a, b in zip(*weights, strict=True):
+        assert torch.equal(a, b)
+    assert peaks[1] < peaks[0], peaks

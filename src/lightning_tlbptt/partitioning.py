@@ -485,7 +485,7 @@ def observe(
         n: hidden layers per block.
         args: positional inputs of one network call; ``kwargs`` its keyword inputs.
         slice_time: the first module the network calls (the *entry*) receives time-major data
-            ``[T, B, ...]``: run the probe on its first time step only, which keeps the probe cheap.
+            ``[T, B, ...]``: run the probe on its first time step of two samples only, which keeps it cheap.
 
     Raises:
         PartitionError: when the network has no neuron or weighted layer, its output depends on no
@@ -511,7 +511,7 @@ def observe(
                     "[T, B, ...], or cut the batch instead: TruncatedLocalBPTT(time_split='batch')."
                 )
             steps.append(tuple(x.shape))
-            a = (x[:1], *a[1:])
+            a = (x[:1, :2], *a[1:])  # one step of two samples: the probe must not set the run's memory peak
         tensors = [v for v in (*a, *kw.values()) if isinstance(v, Tensor)]
         call.input = tensors[0] if len(tensors) == 1 else None
         calls.append(call)

@@ -26,7 +26,7 @@ user wrote:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_tlbptt import neurons
+from lightning_tlbptt import neurons, packing
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.partitioning import Cut, Partition, PartitionError, find_network, observe
@@ -120,6 +120,10 @@ class TruncatedLocalBPTT(DDPStrategy):
             bit, one byte saved per neuron-step instead of four, faster on CPU than SpikingJelly's loop.
         silent_steps: warn once when the network's output (if it is spikes) or a local classifier has not
             spiked for this many optimizer steps in a row; ``None`` turns the check off.
+        pack_spikes: save the spikes that layers keep for backward at one bit each
+            (:func:`~lightning_tlbptt.packing.binary_saved_tensors`): the same gradients bit for bit, about 11x less
+            saved for backward at k = 10, but a few percent slower on CPU and the peak is set by other tensors, so
+            it is off by default (``benchmarks/packing.py``).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``,
             ``process_group_backend``, ``timeout``, ...).
     """
@@ -141,6 +145,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         seed: int = 0,
         fast_neurons: bool = True,
         silent_steps: int | None = 200,
+        pack_spikes: bool = False,
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
@@ -165,6 +170,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self.seed = seed
         self.fast_neurons = fast_neurons
         self.silent_steps = silent_steps
+        self.pack_spikes = pack_spikes
         self.partition: Partition | None = None
         self._net: nn.Module | None = None
         self._classifiers: nn.ModuleList | None = None
@@ -369,12 +375,14 @@ class TruncatedLocalBPTT(DDPStrategy):
             for chunk_index, chunk in enumerate(self._chunks(batch)):
                 target_slot[0] = self._local_target(chunk, batch_idx) if len(classifiers) else None
                 self._seen_T = None
-                output = super().training_step(chunk, *rest, **kwargs)
+                with self._packing(module):
+                    output = super().training_step(chunk, *rest, **kwargs)
                 if self._split == "network":
                     self._check_window(chunk_index)
                 if chunk_index == 0 and self.world_size > 1:
                     self._agree_on_chunks(batch, batch_idx)
-                losses = self._backward(module, output, target_slot[0])
+                with self._packing(module):
+                    losses = self._backward(module, output, target_slot[0])
                 totals = totals + losses.to(totals.device)
                 self._optimizer_step(module, chunk_index, batch_idx, output)
                 for net in nets:
@@ -520,6 +528,9 @@ class TruncatedLocalBPTT(DDPStrategy):
         optimizer.zero_grad()
 
     # --- hooks in the user's forward ----------------------------------------------------------------------------
+
+    def _packing(self, module: nn.Module) -> AbstractContextManager[Any]:
+        return packing.binary_saved_tensors(module) if self.pack_spikes else nullcontext()
 
     @contextmanager
     def _holding_states(self, nets: tuple[nn.Module, ...]) -> Iterator[None]:
