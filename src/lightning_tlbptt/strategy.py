@@ -25,6 +25,7 @@ user wrote:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
@@ -45,10 +46,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_tlbptt import neurons, packing
+from lightning_tlbptt import budget, neurons, packing
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
-from lightning_tlbptt.partitioning import Cut, Partition, PartitionError, find_network, observe
+from lightning_tlbptt.memory import SavedTensorsMeter
+from lightning_tlbptt.partitioning import Cut, Partition, PartitionError, _first_tensor, find_network, observe
 
 __all__ = ["TimeSplit", "TruncatedLocalBPTT", "strip_local_classifiers"]
 
@@ -96,7 +98,9 @@ class TruncatedLocalBPTT(DDPStrategy):
 
     Args:
         k: time steps per truncation interval (chunk). When ``k`` does not divide ``T`` the last chunk is
-            shorter.
+            shorter. ``"auto"``: the largest ``k <= T`` that fits ``memory_budget`` (:mod:`~lightning_tlbptt.budget`),
+            chosen at setup from two chunks measured on the device and then readable as ``strategy.k``.
+        memory_budget: bytes (or ``"2GiB"``, ``"512MiB"``) the training may use, with ``k="auto"``.
         n: hidden layers per block; ``n >= number of hidden layers`` gives one block (no local classifier).
             A layer is a weighted module (Conv/Linear) with what follows it, or a group that cannot be cut
             (a residual block).
@@ -132,9 +136,10 @@ class TruncatedLocalBPTT(DDPStrategy):
 
     def __init__(
         self,
-        k: int = 5,
+        k: int | Literal["auto"] = 5,
         n: int = 2,
         *,
+        memory_budget: int | str | None = None,
         classifier: ClassifierKind = "trainable",
         loss: Literal["mse", "ce"] | LocalLoss = "mse",
         network: str | None = None,
@@ -149,8 +154,16 @@ class TruncatedLocalBPTT(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
+            if (name, value) == ("k", "auto"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                also = " or 'auto'" if name == "k" else ""
+                raise ValueError(f"{name} must be a positive int{also}, got {value!r}")
+        if (k == "auto") != (memory_budget is not None):
+            raise ValueError(
+                "k='auto' chooses k from memory_budget and memory_budget only serves k='auto': pass both, e.g. "
+                f"TruncatedLocalBPTT(k='auto', memory_budget='2GiB'), got k={k!r}, memory_budget={memory_budget!r}"
+            )
         if classifier not in ("trainable", "random"):
             raise ValueError(f"classifier must be 'trainable' or 'random', got {classifier!r}")
         if time_split not in ("auto", "network", "batch"):
@@ -160,6 +173,9 @@ class TruncatedLocalBPTT(DDPStrategy):
         super().__init__(**kwargs)
         self.k = k
         self.n = n
+        self.memory_budget = None if memory_budget is None else budget.parse_bytes(memory_budget)
+        self.memory_model: budget.MemoryModel | None = None
+        """With ``k='auto'``: the fitted ``bytes(k)`` the choice of ``k`` was made from."""
         self.classifier = classifier
         self.loss_fn: LocalLoss = resolve_loss(loss)
         self.network = network
@@ -185,7 +201,10 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._silent: dict[str, int] = {}
         self._warned_silent: set[str] = set()
         self._output_spikes = False
-        self._pending_state: dict[str, Any] | None = None
+        self._probe: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
+        self._probe_T: int | None = None
+        self._backward_fn: Callable[[Tensor], None] = _plain_backward
+        self._budget_check = False
         self._patched_scheduler_update: Any = None
 
     # --- Lightning plumbing -------------------------------------------------------------------------------------
@@ -245,6 +264,11 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._silent, self._warned_silent = {}, set()
         name, self._net = find_network(module, self.network, exclude=(CLASSIFIERS_ATTR,))
         self._split = self._resolve_split(self._net)
+        if self._split == "batch" and self.memory_budget is not None:
+            raise MisconfigurationException(
+                "k='auto' measures chunks cut where the network receives the time axis; with time_split='batch' "
+                "(single-step networks) pass an int k."
+            )
         inputs = self._observe(module, self._first_batch(trainer), self._net)
         self._classifiers = self._make_classifiers(inputs)
         module.add_module(CLASSIFIERS_ATTR, self._classifiers)
@@ -264,6 +288,9 @@ class TruncatedLocalBPTT(DDPStrategy):
             ) from err
         module.automatic_optimization = False
         self._check_optimizers(module)
+        if self.k == "auto":
+            self.k = self._choose_k(module)
+        self._probe = None
         self._patch_scheduler_updates(trainer)
         trainer.callbacks.append(_CheckpointLocalClassifiers(self))
         assert self.partition is not None
@@ -368,7 +395,9 @@ class TruncatedLocalBPTT(DDPStrategy):
         nets = (self._net, classifiers)
         for net in nets:
             functional.reset_net(net)
+        self._backward_fn = module.manual_backward
         output: STEP_OUTPUT = None
+        meter = self._start_budget_check()
         totals = torch.zeros(len(classifiers))
         n_chunks = 0
         with self._holding_states(nets), self._cuts() as target_slot:
@@ -391,6 +420,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         for net in nets:  # free the last chunk's states now rather than when the next batch starts
             functional.reset_net(net)
         self._checked_first_batch = True
+        if meter is not None:
+            self._finish_budget_check(module, meter)
         for i, value in enumerate(totals / max(n_chunks, 1)):
             module.log(f"train/block{i}/loss", value, batch_size=_batch_size(batch), sync_dist=self.world_size > 1)
         return apply_to_collection(output, Tensor, lambda t: t.detach())
@@ -587,7 +618,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             else:
                 assert target[0] is not None
                 local = self.loss_fn(readout, target[0])
-                module.manual_backward(local)  # this block's graph is freed before the next block runs
+                self._backward_fn(local)  # this block's graph is freed before the next block runs
                 self._local_losses[index] = self._local_losses[index] + local.detach()
                 self._note_spikes(f"the local classifier of block {index}", readout)
             return _put_tensor(args, kwargs, h.detach())
@@ -662,13 +693,15 @@ class TruncatedLocalBPTT(DDPStrategy):
         finally:
             handle.remove()
             del module.log, module.log_dict
+        self._probe = (batch, args, kwargs)
         found = observe(net, self.n, args, kwargs, slice_time=self._split == "network")
+        self._probe_T = found.T
         entry_shape = found.entry_shape
         self.partition = found.partition
         self._fingerprint = _fingerprint(net)
         # the output is spikes when the last module the output layer runs is a neuron
         self._output_spikes = isinstance(found.partition.layers[-1].modules[-1], neuron.BaseNode)
-        if found.T is not None and self.k > found.T:
+        if found.T is not None and isinstance(self.k, int) and self.k > found.T:
             raise ValueError(
                 f"k={self.k} is larger than the number of time steps T={found.T} the network receives (its first "
                 f"module, {found.partition.entry.name if found.partition.entry else '?'}, gets [T, B, ...]); choose "
@@ -732,6 +765,99 @@ class TruncatedLocalBPTT(DDPStrategy):
                         f"{list(h.shape)} (one time step): {err}"
                     ) from err
         functional.reset_net(classifiers)
+
+    # --- choosing k from a memory budget ------------------------------------------------------------------------
+
+    def _choose_k(self, module: pl.LightningModule) -> int:
+        assert self._probe is not None and self.memory_budget is not None
+        batch, args, kwargs = self._probe
+        steps = self._probe_T
+        assert steps is not None  # a network time split saw T
+        k, model = budget.choose_k(
+            lambda k: self._measure_chunk(module, batch, args, kwargs, k),
+            steps,
+            self.memory_budget,
+            batch_size=_batch_size(batch),
+        )
+        if self.world_size > 1:  # every rank must step as often as the others
+            agreed = torch.tensor([k], device=self.root_device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            k = int(agreed)
+        self.memory_model = model
+        self._budget_check = True
+        rank_zero_info(
+            f"TruncatedLocalBPTT(k='auto'): k={k} of T={steps} fits memory_budget="
+            f"{budget.format_bytes(self.memory_budget)}: predicted {budget.format_bytes(model(k))} "
+            f"({budget.format_bytes(model.fixed)} + {budget.format_bytes(model.per_step)} per step, measured "
+            + ", ".join(f"k={m}: {budget.format_bytes(b)}" for m, b in model.measured)
+            + ")"
+        )
+        return k
+
+    def _measure_chunk(
+        self, module: pl.LightningModule, batch: Any, args: tuple[Any, ...], kwargs: dict[str, Any], k: int
+    ) -> int:
+        """Peak bytes of one training chunk of ``k`` steps on the device, leaving no trace (weights, statistics,
+        gradients, random stream, neuron states)."""
+        assert self._net is not None and self._classifiers is not None
+        device = self.root_device
+        to_device = functools.partial(apply_to_collection, dtype=Tensor, function=lambda t: t.to(device))
+        args, kwargs, batch = to_device(args), to_device(kwargs), to_device(batch)
+        nets = (self._net, self._classifiers)
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        cuda = device.type == "cuda"
+        try:
+            with (
+                torch.random.fork_rng(devices=[device] if cuda else []),
+                self._holding_states(nets),
+                self._cuts() as target,
+            ):
+                target[0] = self._local_target(batch, 0) if len(self._classifiers) else None
+                self._window, self._seen_T = (0, k), None
+                for net in nets:
+                    functional.reset_net(net)
+                if cuda:
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                with SavedTensorsMeter() as meter, self._packing(module):
+                    out = _first_tensor(self._net(*args, **kwargs))
+                    assert out is not None
+                    out.float().sum().backward()  # stands in for the user's loss on the last block
+                peak = torch.cuda.max_memory_allocated(device) if cuda else meter.peak_bytes + _params_bytes(module, 2)
+            return peak + _optimizer_state_bytes(self.optimizers[0])
+        finally:
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    b.copy_(buffers[name])
+            module.zero_grad(set_to_none=True)
+            for net in nets:
+                functional.reset_net(net)
+            self._spiked.clear()
+
+    def _start_budget_check(self) -> SavedTensorsMeter | None:
+        if not self._budget_check:
+            return None
+        if self.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.root_device)
+        return SavedTensorsMeter().__enter__()
+
+    def _finish_budget_check(self, module: pl.LightningModule, meter: SavedTensorsMeter) -> None:
+        """The first batch checks the chosen k: its real peak against the budget."""
+        meter.__exit__(None, None, None)
+        self._budget_check = False
+        assert self.memory_budget is not None and self.memory_model is not None and isinstance(self.k, int)
+        if self.root_device.type == "cuda":
+            used = torch.cuda.max_memory_allocated(self.root_device)
+        else:
+            used = meter.peak_bytes + _params_bytes(module, 2) + _optimizer_state_bytes(self.optimizers[0])
+        self.memory_used = used
+        if used > self.memory_budget:
+            rank_zero_warn(
+                f"the first batch at k={self.k} used {budget.format_bytes(used)}, over memory_budget="
+                f"{budget.format_bytes(self.memory_budget)} (predicted {budget.format_bytes(self.memory_model(self.k))}"
+                "): your training_step's loss or the allocator keeps more than the measured chunk. Lower "
+                "memory_budget or pass a smaller k."
+            )
 
     # --- checks -------------------------------------------------------------------------------------------------
 
@@ -905,6 +1031,29 @@ def _detach_states(net: nn.Module) -> None:
             for key, value in m._memories.items():
                 if isinstance(value, Tensor):
                     m._memories[key] = value.detach()
+
+
+def _plain_backward(loss: Tensor) -> None:
+    loss.backward()
+
+
+def _params_bytes(module: nn.Module, copies: int) -> int:
+    """Bytes of the trainable parameters, ``copies`` times (2: the parameters and their gradients)."""
+    return copies * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer's state: as allocated, or before its first step as it will be (Adam's two moments, SGD's
+    momentum buffer)."""
+    tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor)]
+    allocated = sum(t.numel() * t.element_size() for t in tensors)
+    if allocated:
+        return allocated
+    total = 0
+    for group in optimizer.param_groups:
+        slots = 2 if "betas" in group else 1 if group.get("momentum", 0) else 0
+        total += slots * sum(p.numel() * p.element_size() for p in group["params"] if p.requires_grad)
+    return total
 
 
 def _bind(fn: Callable[..., Any], *bound: Any) -> Callable[..., Any]:

@@ -1,0 +1,66 @@
+"""k chosen from a memory budget: parsing, the model, and the choice checked on a real fit."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+
+from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT
+from lightning_tlbptt.budget import choose_k, parse_bytes
+
+from snn_fixtures import conv_net, event_batches
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes(1000) == 1000
+    for bad in ("two gigs", "-1GiB", 0, "0"):
+        with pytest.raises(ValueError, match="memory_budget must be"):
+            parse_bytes(bad)
+
+
+def test_choose_k_reads_the_slope_where_activations_dominate_and_says_which_batch_would():
+    def measure(k: int) -> int:
+        calls.append(k)
+        return max(300, 100 + 40 * k)  # below k = 5 a fixed 300 B (a loss graph) sets the peak
+
+    calls: list[int] = []
+    assert choose_k(measure, T=20, budget=10_000)[0] == 20
+    assert calls == [1, 2, 4, 8, 16, 20]
+    calls.clear()
+    k, model = choose_k(measure, T=20, budget=500, margin=0.1)  # 450 allowed: 100 + 40 k <= 450 -> k = 8
+    assert k == 8 and model(8) == pytest.approx(420) and calls == [1, 2, 4, 8, 16]  # 16 is over: stop
+    assert model.per_step == pytest.approx(40)  # from (8, 420) and (16, 740), not from the flat start
+    with pytest.raises(ValueError, match=r"even k=1 needs 300 B.*batch size of about 4 \(now 8\)"):
+        choose_k(measure, T=20, budget=200, margin=0.1, batch_size=8)
+
+
+def _fit(budget: str | int, T: int = 16) -> TruncatedLocalBPTT:
+    strategy = TruncatedLocalBPTT(k="auto", n=1, memory_budget=budget)
+    module = SpikingClassifier(conv_net(), lr=0.05, lr_step_epochs=0)
+    L.Trainer(
+        strategy=strategy, accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    ).fit(module, event_batches(n=16, T=T, batch_size=16))  # fmt: skip
+    return strategy
+
+
+def test_loose_budget_chooses_T_and_tight_one_a_smaller_k_that_holds():
+    loose = _fit("1GiB")
+    assert loose.k == 16 and loose.memory_model is not None
+    model = loose.memory_model
+    tight = int((model.fixed + model.per_step * 6) / 0.9)  # room for about 6 steps after the margin
+    strategy = _fit(tight)
+    assert 4 <= strategy.k < 16
+    assert strategy.memory_used <= tight  # the first batch checked the choice against the real peak
+    with pytest.raises(ValueError, match=r"too small: even k=1 needs .* batch size of about"):
+        _fit(int(model(1) * 0.9))
+
+
+def test_budget_and_auto_go_together():
+    with pytest.raises(ValueError, match="pass both"):
+        TruncatedLocalBPTT(k="auto")
+    with pytest.raises(ValueError, match="pass both"):
+        TruncatedLocalBPTT(k=4, memory_budget="1GiB")
