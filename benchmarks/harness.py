@@ -11,9 +11,11 @@ optimizer and loss, so that the only difference between two rows of a table is t
   to separate what the strategy's neuron kernel and what the method contribute;
 * ``d``: ``a`` after SpikingJelly's ``memopt.optimize_memory`` (checkpointing + spike compression, exact
   gradients);
-* ``e``: ``c`` with every block checkpointed by memopt in pieces that start at spikes, bit-compressed;
+* ``e``: ``c`` on the network of ``d``: memopt checkpoints pieces that start at spikes (bit-compressed), and the
+  strategy forms its blocks on them, as SpikingJelly's own example applies memopt in ``on_fit_start``;
 * ``ap``, ``bp``, ``cp``: ``a``, ``b`` and ``c`` (first setting) with binary saved tensors packed to bits
-  (:func:`lightning_tlbptt.packing.binary_saved_tensors` around each batch's forward and backward).
+  (:func:`lightning_tlbptt.packing.binary_saved_tensors` around each batch's forward and backward; for ``bp`` and
+  ``cp`` through ``TruncatedLocalBPTT(pack_spikes=True)``, per chunk).
 
 Speed and memory are measured in separate passes, since the memory meters slow training down. Every run is
 a fresh training in a fresh child process, so that no run inherits another's heap, caches or process group;
@@ -46,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from spikingjelly.activation_based import functional, memopt, neuron
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
@@ -324,72 +326,6 @@ def memopt_network(net: nn.Sequential, example: Tensor) -> nn.Sequential:
     return grouped
 
 
-def checkpoint_block(block: fx.GraphModule, binary_input: bool) -> nn.Sequential:
-    """A block's modules as memopt checkpoints, one per piece of :func:`_split_at_neurons` (method ``e``).
-
-    With the strategy each block's backward follows its forward at once, so checkpointing a whole block
-    saves nothing: its recomputation holds what its forward would have. A piece's input is compressed to
-    one bit per value when it is a neuron's output (or, for the first block, the binary event frames); SEW
-    blocks (``cnf='ADD'``) emit sums of spikes, so the piece after one is checkpointed uncompressed.
-    """
-    nodes = [node for node in block.graph.nodes if node.op not in ("placeholder", "output")]
-    if any(node.op != "call_module" for node in nodes):
-        raise ValueError("checkpoint_block needs a block made of modules only (no functional glue)")
-    pieces = _split_at_neurons([block.get_submodule(str(node.target)) for node in nodes])
-    wrapped = []
-    for i, piece in enumerate(pieces):
-        binary = binary_input if i == 0 else isinstance(pieces[i - 1][-1], neuron.BaseNode)
-        compressor = memopt.BitSpikeCompressor() if binary else None
-        wrapped.append(memopt.checkpoint_module(nn.Sequential(*piece), compressor=compressor))
-    return nn.Sequential(*wrapped)
-
-
-class _CheckpointBlocks(Callback):
-    """Method ``e``: replace each block of the strategy's partition by :func:`checkpoint_block` of it.
-
-    This reaches into the strategy after its setup because the partitioner cannot take a network that is
-    already wrapped by ``memopt.checkpoint_module``: torch.fx traces into the wrapper and fails (see
-    docs/benchmarks.md). The replacement runs the same modules with the same parameters.
-    """
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        strategy = trainer.strategy
-        assert isinstance(strategy, TruncatedLocalBPTT) and strategy.partition is not None
-        for block in strategy.partition.blocks:
-            block.module = checkpoint_block(block.module, binary_input=block.index == 0)
-
-
-class _PackEachBatch(Callback):
-    """Methods ``bp``, ``cp``: binary saved tensors packed to bits in the strategy's setup and in each batch.
-
-    Entered around the whole batch rather than around each chunk (where the strategy would enter it): what is saved
-    and how it is packed are the same, the marking hooks are installed once per batch instead of once per chunk.
-    The strategy's setup runs one chunk through the whole network with gradients (to cut it into blocks); that
-    is packed too (a callback's ``setup`` runs before the strategy's), else its saved tensors set the peak.
-    """
-
-    def __init__(self) -> None:
-        self._context: packing.BinaryPacking | None = None
-
-    def _enter(self, pl_module: L.LightningModule) -> None:
-        self._exit()
-        self._context = packing.binary_saved_tensors(pl_module)
-        self._context.__enter__()
-
-    def _exit(self, *args: Any, **kwargs: Any) -> None:
-        if self._context is not None:
-            self._context.__exit__(None, None, None)
-            self._context = None
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._enter(pl_module)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self._enter(pl_module)  # again: the local classifiers the strategy added in its setup now get hooks
-
-    on_fit_start = on_train_batch_end = teardown = _exit
-
-
 class _FirstBatch(Callback):
     """Calls ``function`` once, when the first training batch starts."""
 
@@ -446,7 +382,7 @@ def train(
     """
     net = build_network(w, seed)
     loader = DataLoader(batches, batch_size=None)
-    if method.kind == "d":
+    if method.kind in ("d", "e"):  # e: memopt's checkpoints, then the strategy forms blocks on them
         net = memopt_network(net, batches[0][0][:2].transpose(0, 1))
     if method.kind in ("a", "d"):
         if at_first_batch is not None:
@@ -501,11 +437,9 @@ def _train_lightning(
     strategy: Any = "auto"
     if method.kind != "aL":
         assert method.k is not None and method.n is not None
-        strategy = TruncatedLocalBPTT(k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons)
-        if method.kind == "e":
-            callbacks.append(_CheckpointBlocks())
-    if method.pack:
-        callbacks.append(_PackEachBatch())
+        strategy = TruncatedLocalBPTT(
+            k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons, pack_spikes=method.pack
+        )
     trainer = L.Trainer(
         strategy=strategy,
         accelerator=device.type,
