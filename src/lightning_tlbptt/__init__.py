@@ -3,19 +3,54 @@
 >>> from lightning import Trainer
 >>> from lightning_tlbptt import TruncatedLocalBPTT
 >>> trainer = Trainer(strategy=TruncatedLocalBPTT(k=5, n=2))  # doctest: +SKIP
+
+Importing the package loads the core only (the strategy and what it needs: torch, Lightning, SpikingJelly,
+torchmetrics). Measurement (``CostMonitor``, ``estimate``, ...) and the paper's reproduction (``PaperClassifier``,
+``build_model``, ...) are exported here too but load on first use; the paper's data and applications need the
+``[paper]`` extra. See docs/layout.md.
 """
 
-from lightning_tlbptt.callbacks import CostMonitor, MemoryMonitor, OpCounterMonitor, SpikeDensityMonitor
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from lightning_tlbptt.classifiers import LocalClassifier
-from lightning_tlbptt.costs import CostEstimate, CostRatios, estimate, figure_of_merit
 from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
-from lightning_tlbptt.models import MODELS, PaperNeuron, build_model
 from lightning_tlbptt.module import SpikingClassifier
-from lightning_tlbptt.paper import PaperClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe, partition
 from lightning_tlbptt.strategy import TruncatedLocalBPTT, strip_local_classifiers
+
+_LAZY = {
+    "CostMonitor": "lightning_tlbptt.callbacks",
+    "MemoryMonitor": "lightning_tlbptt.callbacks",
+    "OpCounterMonitor": "lightning_tlbptt.callbacks",
+    "SpikeDensityMonitor": "lightning_tlbptt.callbacks",
+    "CostEstimate": "lightning_tlbptt.costs",
+    "CostRatios": "lightning_tlbptt.costs",
+    "estimate": "lightning_tlbptt.costs",
+    "figure_of_merit": "lightning_tlbptt.costs",
+    "MODELS": "lightning_tlbptt.models",
+    "PaperNeuron": "lightning_tlbptt.models",
+    "build_model": "lightning_tlbptt.models",
+    "PaperClassifier": "lightning_tlbptt.paper",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: measurement and the paper's reproduction load when first asked for, not with the strategy
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_tlbptt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "MODELS",
