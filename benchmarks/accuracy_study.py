@@ -60,25 +60,32 @@ CURVE_FIELDS = ["dataset", "setting", "seed", "epoch", "val_acc", "train_acc", "
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """Runs in priority order, so that a study cut short keeps complete seeds where they matter most.
+    """Runs in priority order, so that a study cut short keeps what matters most complete.
 
-    Seed by seed, both datasets per seed (the longer EventMNIST runs first) for the first ``--event-early-seeds``
-    seeds; then the remaining MNIST-5k seeds; then the remaining EventMNIST seeds; last, the EventMNIST settings
-    outside ``--event-settings`` (extras a later session may finish).
+    0. the first seed on both datasets, every setting;
+    1. the other seeds of MNIST-5k, trainable settings and BPTT (the target of the study is on MNIST-5k);
+    2. the second seed of EventMNIST (``--event-settings``);
+    3. the other seeds of MNIST-5k with random classifiers;
+    4. the remaining EventMNIST seeds;
+    5. EventMNIST settings outside ``--event-settings`` (extras a later session may finish).
     """
-    event = "event_mnist" in args.datasets
-    static = [d for d in args.datasets if d != "event_mnist"]
-    early, late_static, late_event, extra = [], [], [], []
+    ranked = []
     for i, seed in enumerate(args.seeds):
-        for d in (["event_mnist"] if event else []) + static:
-            for s in args.settings:
-                if d == "event_mnist" and (s not in args.event_settings or seed not in args.event_seeds):
-                    extra.append((d, s, seed))
-                elif i < args.event_early_seeds:
-                    early.append((d, s, seed))
+        for d in args.datasets:
+            for j, s in enumerate(args.settings):
+                event = d == "event_mnist"
+                cfg = SETTINGS[s]
+                random = cfg is not None and cfg[2] == "random"
+                if event and (s not in args.event_settings or seed not in args.event_seeds):
+                    tier = 5
+                elif i == 0:
+                    tier = 0
+                elif not event:
+                    tier = 3 if random else 1
                 else:
-                    (late_event if d == "event_mnist" else late_static).append((d, s, seed))
-    return early + late_static + late_event + extra
+                    tier = 2 if i == 1 else 4
+                ranked.append(((tier, i, not event, j), (d, s, seed)))  # the longer EventMNIST runs first
+    return [job for _, job in sorted(ranked)]
 
 
 def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -381,9 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         help="EventMNIST settings run with the MNIST-5k ones; the others are queued after them",
     )  # fmt: skip
     parser.add_argument("--event-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument(
-        "--event-early-seeds", type=int, default=2, help="seeds run on both datasets before the other MNIST-5k seeds"
-    )
     parser.add_argument("--epochs-mnist", type=int, default=10)
     parser.add_argument("--epochs-event", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=128)
