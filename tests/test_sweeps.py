@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +162,145 @@ def test_trials_log_as_offline_wandb_runs(tmp_path, monkeypatch):
     runs = list(trial_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
     assert list((tmp_path / "reference").glob("wandb/offline-run-*/run-*.wandb"))  # the BPTT reference run
+
+
+# ------------------------------------------------------------------------------ online: a W&B agent's trial
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = sorted((REPO / "examples" / "sweeps").glob("*.yaml"))
+
+
+def test_cached_reference_is_computed_once_per_key(tmp_path):
+    from lightning_tlbptt.sweeps import cached_reference
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"val/acc": 0.9, "cost/memory/total_bytes": 2.0**20}
+
+    key = {"dataset": "mnist5k", "T": 4, "seed": 0}
+    first, path = cached_reference(tmp_path, key, compute)
+    again, same = cached_reference(tmp_path, dict(reversed(key.items())), compute)  # key order is irrelevant
+    assert first == again == {"val/acc": 0.9, "cost/memory/total_bytes": 2.0**20} and path == same
+    assert len(calls) == 1 and json.loads(path.read_text())["key"] == key
+    _, other = cached_reference(tmp_path, {**key, "seed": 1}, compute)
+    assert len(calls) == 2 and other != path
+
+
+def _agent_args(parameters: dict[str, Any]) -> list[str]:
+    """``${args}`` of W&B's agent for one value of every parameter, from wandb's own code."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    return create_sweep_command_args({"args": {k: {"value": v} for k, v in parameters.items()}})["args"]
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.stem)
+def test_every_template_value_is_a_flag_its_program_accepts(template):
+    """Each value a W&B agent may pass (`--name=value`) parses, and the template optimises what the program logs."""
+    from lightning_tlbptt.paper import train_parser
+
+    config = load_template(template)
+    program = REPO / config["program"]
+    assert program.is_file() and config["command"] == ["${env}", "${interpreter}", "${program}", "${args}"]
+    assert config["metric"]["name"] == "cost/fom"  # what train_main logs (CostMonitor) when run by an agent
+    parser = train_parser(program.stem)
+    params = config["parameters"]
+    for name, spec in params.items():
+        for value in spec.get("values", [spec.get("value")]):
+            first = {key: s.get("value", s.get("values", [None])[0]) for key, s in params.items()}
+            parsed = vars(parser.parse_args(_agent_args({**first, name: value})))
+            assert parsed[name] == value, name
+    extra = {"reference_acc": 0.97, "batch_size": 8, "limit_train_batches": 0.5, "bptt": False, "sj_neurons": True}
+    parsed = vars(parser.parse_args(_agent_args(extra)))
+    assert {key: parsed[key] for key in extra} == extra
+
+
+def _read_offline_run(path: Path) -> tuple[str, set[str]]:
+    """The sweep id and the history keys of a ``.wandb`` file (W&B's LevelDB-style log of ``Record`` protobufs).
+
+    wandb 0.31 has no Python reader of its own for it (``wandb sync`` hands it to wandb-core).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    block, pos, chunks, keys, sweep_id = 32768, 7, [], set(), ""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(chunks))
+            chunks = []
+            if record.WhichOneof("record_type") == "history":
+                keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+            elif record.WhichOneof("record_type") == "run":
+                sweep_id = record.run.sweep_id
+    return sweep_id, keys
+
+
+def test_wandb_agent_runs_a_template_trial_offline_and_logs_its_metric(tmp_path, monkeypatch):
+    """The command W&B's agent builds for a shipped template runs, logs to W&B, and logs the sweep's metric.
+
+    The agent's own code (``wandb.wandb_agent.Agent``) builds the command and environment; only the process
+    is started here, offline. The template is the shipped one with a tiny trial (its parameters changed as a
+    user may), the proposal W&B's sweep engine's first.
+    """
+    import subprocess
+    import sys
+
+    import wandb.wandb_agent
+    from sweeps import next_run
+
+    config = load_template(REPO / "examples" / "sweeps" / "mnist5k.yaml")
+    tiny = {"epochs": 1, "batch_size": 16, "limit_train_batches": 2, "limit_val_batches": 1}
+    config["parameters"].update({key: {"value": value} for key, value in tiny.items()})
+    config = load_template(config)
+    proposal = next_run(config, [], validate=True)
+
+    launched = {}
+
+    class Launch:  # stands in for the agent's subprocess: records what it would run
+        def __init__(self, command=None, env=None, **kwargs):
+            launched.update(command=command, env=env)
+
+    (tmp_path / "examples").symlink_to(REPO / "examples")  # the agent runs `program` from its working dir
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"WANDB_DIR": str(tmp_path), "WANDB_SWEEP_ID": "sweep01", "WANDB_RUN_ID": "none"}.items():
+        monkeypatch.setenv(name, value)  # the agent sets them in os.environ; monkeypatch restores them
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", "")
+    # an earlier in-process wandb run of this test session left its service's address; the trial starts its own
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the BPTT reference's cache
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # `python`
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(wandb.wandb_agent, "AgentProcess", Launch)
+    agent = wandb.wandb_agent.Agent(api=None, queue=None, sweep_id="sweep01")
+    agent._sweep_command = config["command"]  # as Agent.run() reads it from the sweep's config
+    response = agent._process_command(
+        {"type": "run", "run_id": "trial0001", "program": config["program"], "args": proposal.config}
+    )
+    assert "exception" not in response, response
+    command = launched["command"]
+    assert command[:3] == ["/usr/bin/env", "python", "examples/mnist5k.py"]
+    assert "--epochs=1" in command and "--limit_train_batches=2" in command
+
+    done = subprocess.run(command, env=launched["env"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    (run,) = tmp_path.glob("logs/wandb/offline-run-*-trial0001/run-trial0001.wandb")
+    sweep_id, keys = _read_offline_run(run)
+    assert sweep_id == "sweep01"  # the run joined the agent's sweep
+    assert config["metric"]["name"] in keys and "val/acc" in keys
+    (reference,) = (tmp_path / "cache" / "lightning_tlbptt" / "references").glob("mnist5k-*.json")
+    assert 0.0 <= json.loads(reference.read_text())["metrics"]["val/acc"] <= 1.0

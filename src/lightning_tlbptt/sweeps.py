@@ -6,10 +6,14 @@ asks W&B's own sweep engine (the ``sweeps`` package that ``wandb[sweeps]`` insta
 trial, so a killed sweep resumes where it stopped: finished and failed trials are kept, an interrupted one
 is run again. A failing trial is recorded as failed (with its traceback in its folder) and the sweep goes
 on. :func:`report` turns a sweep folder into a results table and the paper's figures.
+
+Online, a W&B agent runs the template's ``program`` once per trial, each run in its own process and maybe
+on its own machine; the figure of merit's BPTT reference then comes from :func:`cached_reference`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -21,7 +25,17 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["Trial", "TrialFn", "load_template", "paper_trial", "recommend", "report", "run_sweep"]
+__all__ = [
+    "Trial",
+    "TrialFn",
+    "cached_reference",
+    "default_reference_dir",
+    "load_template",
+    "paper_trial",
+    "recommend",
+    "report",
+    "run_sweep",
+]
 
 TrialFn = Callable[[dict[str, Any], Path], dict[str, float]]
 """``(parameters, trial_dir) -> summary metrics``; raises to mark the trial failed."""
@@ -134,6 +148,48 @@ def run_sweep(
     return trials
 
 
+def default_reference_dir() -> Path:
+    """Where :func:`cached_reference` keeps BPTT reference runs: ``$XDG_CACHE_HOME/lightning_tlbptt/references``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "lightning_tlbptt" / "references"
+
+
+def cached_reference(
+    cache_dir: str | Path, key: Mapping[str, Any], compute: Callable[[], dict[str, float]]
+) -> tuple[dict[str, float], Path]:
+    """The BPTT reference of the figure of merit for ``key``: read from ``cache_dir``, or computed once.
+
+    W&B agents run every trial in a fresh process, so a reference kept in memory or in one sweep folder
+    (as :func:`paper_trial` does offline) is not seen by the next trial. Here the reference lives in
+    ``<cache_dir>/<digest of key>.json``: the first trial that needs it runs ``compute`` (trains standard
+    BPTT) and writes it, every later trial with the same ``key`` reads it. ``key`` must hold every setting
+    that changes the reference's result (dataset, T, batch size, learning rate, epochs, seed, ...). Agents
+    on one machine wait for each other on a lock file (POSIX), so the reference is trained once; agents on
+    different machines share it when ``cache_dir`` is on a shared file system, else each trains its own.
+
+    Returns:
+        The reference metrics and the file they are kept in.
+    """
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(dict(key), sort_keys=True, default=str)
+    path = folder / f"{key.get('dataset', 'reference')}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    with path.with_suffix(".lock").open("w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        except ImportError:  # Windows: no lock; concurrent first trials may each train the reference
+            pass
+        if path.is_file():
+            return json.loads(path.read_text())["metrics"], path
+        metrics = {name: float(value) for name, value in compute().items()}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": json.loads(text), "metrics": metrics}, indent=1))
+        os.replace(tmp, path)
+    return metrics, path
+
+
 def paper_trial(
     dataset: str, *, data_dir: str | Path | None = None, logger: Literal["csv", "wandb"] = "csv"
 ) -> TrialFn:
@@ -143,7 +199,8 @@ def paper_trial(
     setting's ``lr``, ``loss``, ``batch_size`` and ``T``, plus ``limit_train_batches``/``limit_val_batches``
     and ``seed``. Standard BPTT of the same network and data is trained once per sweep folder (cached in
     ``reference.json``); it is the reference of the figure of merit (Eq. 18): measured peak memory and
-    accuracy against it, memory access, additions and MACs from the analytic model (densities 1, the
+    accuracy against it (a ``reference_acc`` parameter gives BPTT's accuracy instead, and the memory term is
+    then the analytic ratio, as online), memory access, additions and MACs from the analytic model (densities 1, the
     reading that reproduces the paper's figures, see docs/costs.md). Metric keys are those the callbacks
     log (``val/acc``, ``cost/fom``, ...), so a template's metric means the same online and offline.
     """
@@ -193,7 +250,9 @@ def paper_trial(
 
     def run(params: dict[str, Any], trial_dir: Path) -> dict[str, float]:
         reference_file = trial_dir.parent / "reference.json"
-        if reference_file.is_file():
+        if "reference_acc" in params:  # BPTT's accuracy given by the template: no reference run
+            reference = {"val/acc": float(params["reference_acc"])}
+        elif reference_file.is_file():
             reference = json.loads(reference_file.read_text())
         else:
             bptt = train(params, "auto", trial_dir.parent / "reference", "bptt")
@@ -209,7 +268,8 @@ def paper_trial(
         batch = int(params.get("batch_size", spec.batch_size))
         costs = prof.estimate(T=steps, k=k, n=n, batch_size=batch, classifier=kind)
         ratios = costs.relative_to(prof.bptt(T=steps, batch_size=batch))
-        memory_ratio = result.peak_bytes / reference["cost/memory/total_bytes"]
+        measured = reference.get("cost/memory/total_bytes")
+        memory_ratio = result.peak_bytes / measured if measured else ratios.memory
         accuracy_loss = reference["val/acc"] - result.val_acc
         return {
             "val/acc": result.val_acc,
