@@ -69,20 +69,6 @@ def _dvs_batches(n: int = 4, T: int = 4, batch_size: int = 2) -> DataLoader:
     return DataLoader(TensorDataset(x, torch.arange(n) % 10), batch_size=batch_size)
 
 
-def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
-
-
 def _fit(trainer: L.Trainer, module: L.LightningModule, loader: DataLoader) -> L.Trainer:
     torch.manual_seed(1)  # the same dropout masks in both runs that are compared
     trainer.fit(module, loader)
@@ -98,10 +84,10 @@ def _moved(before: dict[str, torch.Tensor], module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if name in before and not torch.equal(before[name], p)]
 
 
-def test_spikingjelly_example_at_k_equal_T_is_lightnings_own_step(tmp_path: Path) -> None:
+def test_spikingjelly_example_at_k_equal_T_is_lightnings_own_step(make_trainer) -> None:
     ours, reference = _example_module(), _example_module()
-    _fit(_trainer(tmp_path, max_steps=2), reference, _dvs_batches())
-    trainer = _fit(_trainer(tmp_path, max_steps=2, strategy=TruncatedLocalBPTT(k=4, n=99)), ours, _dvs_batches())
+    _fit(make_trainer(max_steps=2), reference, _dvs_batches())
+    trainer = _fit(make_trainer(max_steps=2, strategy=TruncatedLocalBPTT(k=4, n=99)), ours, _dvs_batches())
     assert trainer.global_step == 2
     _assert_same_weights(ours, reference)
     # the user's own metrics, logged by its own training_step, reached Lightning
@@ -109,12 +95,12 @@ def test_spikingjelly_example_at_k_equal_T_is_lightnings_own_step(tmp_path: Path
     assert ours.automatic_optimization and not hasattr(ours, "local_classifiers")
 
 
-def test_spikingjelly_example_trains_every_block_and_checkpoints_on_its_metric(tmp_path: Path) -> None:
+def test_spikingjelly_example_trains_every_block_and_checkpoints_on_its_metric(make_trainer, tmp_path: Path) -> None:
     module = _example_module()
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="train_acc", mode="max", save_top_k=1)
-    trainer = _trainer(
-        tmp_path, max_epochs=2, strategy=TruncatedLocalBPTT(k=2, n=1), callbacks=[checkpoint], enable_checkpointing=True
+    trainer = make_trainer(
+        max_epochs=2, strategy=TruncatedLocalBPTT(k=2, n=1), callbacks=[checkpoint], enable_checkpointing=True
     )
     trainer.fit(module, _dvs_batches())
 
@@ -130,14 +116,14 @@ def test_spikingjelly_example_trains_every_block_and_checkpoints_on_its_metric(t
 
     # a plain Trainer validates from that checkpoint, loading it strictly into the unchanged module
     fresh = _example_module()
-    _trainer(tmp_path).validate(fresh, _dvs_batches(), ckpt_path=checkpoint.best_model_path, verbose=False)
+    make_trainer().validate(fresh, _dvs_batches(), ckpt_path=checkpoint.best_model_path, verbose=False)
     saved = torch.load(checkpoint.best_model_path, weights_only=False)
     assert "tlbptt" in saved and not any(key.startswith("local_classifiers") for key in saved["state_dict"])
     for name, p in fresh.state_dict().items():
         torch.testing.assert_close(p, saved["state_dict"][name], msg=f"{name} was not loaded")
 
 
-def test_memopt_in_on_fit_start_composes(tmp_path: Path) -> None:
+def test_memopt_in_on_fit_start_composes(make_trainer) -> None:
     """SpikingJelly's train.py applies memopt.optimize_memory to the VGG blocks in on_fit_start."""
 
     def with_memopt(module: L.LightningModule) -> L.LightningModule:
@@ -151,12 +137,12 @@ def test_memopt_in_on_fit_start_composes(tmp_path: Path) -> None:
         return module
 
     ours, reference = with_memopt(_example_module()), with_memopt(_example_module())
-    _fit(_trainer(tmp_path, max_steps=1), reference, _dvs_batches())
-    _fit(_trainer(tmp_path, max_steps=1, strategy=TruncatedLocalBPTT(k=4, n=99)), ours, _dvs_batches())
+    _fit(make_trainer(max_steps=1), reference, _dvs_batches())
+    _fit(make_trainer(max_steps=1, strategy=TruncatedLocalBPTT(k=4, n=99)), ours, _dvs_batches())
     _assert_same_weights(ours, reference)
 
     local = with_memopt(_example_module())
-    trainer = _trainer(tmp_path, max_steps=2, strategy=TruncatedLocalBPTT(k=2, n=2))
+    trainer = make_trainer(max_steps=2, strategy=TruncatedLocalBPTT(k=2, n=2))
     trainer.fit(local, _dvs_batches())
     assert trainer.strategy.partition is not None
     wrapped = [m for m in local.net.modules() if hasattr(m, "_checkpoint_wrapped_module")]
@@ -250,18 +236,18 @@ def _zoo_batches(shape: tuple[int, ...], static: bool, n: int = 4, T: int = 2) -
     return DataLoader(TensorDataset(x, torch.arange(n) % 10), batch_size=2)
 
 
-def _check_zoo_model(name: str, spec: tuple[Any, tuple[int, ...], bool], tmp_path: Path) -> None:
+def _check_zoo_model(name: str, spec: tuple[Any, tuple[int, ...], bool], make_trainer: Any) -> None:
     factory, shape, static = spec
     torch.manual_seed(0)
     net = factory()
     reference, ours = ZooModule(copy.deepcopy(net), static), ZooModule(copy.deepcopy(net), static)
-    _fit(_trainer(tmp_path, max_steps=2), reference, _zoo_batches(shape, static))
-    _fit(_trainer(tmp_path, max_steps=2, strategy=TruncatedLocalBPTT(k=2, n=99)), ours, _zoo_batches(shape, static))
+    _fit(make_trainer(max_steps=2), reference, _zoo_batches(shape, static))
+    _fit(make_trainer(max_steps=2, strategy=TruncatedLocalBPTT(k=2, n=99)), ours, _zoo_batches(shape, static))
     _assert_same_weights(ours, reference, atol=1e-5)
 
     local = ZooModule(copy.deepcopy(net), static)
     before = {n: p.detach().clone() for n, p in local.named_parameters()}
-    trainer = _trainer(tmp_path, max_steps=4, strategy=TruncatedLocalBPTT(k=1, n=1))
+    trainer = make_trainer(max_steps=4, strategy=TruncatedLocalBPTT(k=1, n=1))
     trainer.fit(local, _zoo_batches(shape, static))
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     part = trainer.strategy.partition
@@ -274,11 +260,11 @@ def _check_zoo_model(name: str, spec: tuple[Any, tuple[int, ...], bool], tmp_pat
 
 
 @pytest.mark.parametrize("name", list(ZOO))
-def test_model_zoo_exact_at_k_equal_T_and_trains_per_block(name: str, tmp_path: Path) -> None:
-    _check_zoo_model(name, ZOO[name], tmp_path)
+def test_model_zoo_exact_at_k_equal_T_and_trains_per_block(name: str, make_trainer) -> None:
+    _check_zoo_model(name, ZOO[name], make_trainer)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SLOW_ZOO))
-def test_whole_model_zoo(name: str, tmp_path: Path) -> None:
-    _check_zoo_model(name, SLOW_ZOO[name], tmp_path)
+def test_whole_model_zoo(name: str, make_trainer) -> None:
+    _check_zoo_model(name, SLOW_ZOO[name], make_trainer)

@@ -203,18 +203,8 @@ def partition(net: nn.Module, n: int) -> Partition:
         PartitionError: when the network has no neuron or no weighted layer, cannot be traced, is not a
             chain at its top level, or shares a module or parameter between two blocks.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise PartitionError(f"n must be a positive int (layers per block), got {n!r}")
-    neurons = [m for m in net.modules() if isinstance(m, neuron.BaseNode)]
-    if not neurons:
-        raise PartitionError(
-            f"{type(net).__name__} contains no SpikingJelly neuron (spikingjelly.activation_based.neuron.BaseNode)"
-            "; there is nothing to truncate in time. Add spiking neurons (e.g. neuron.LIFNode) to the network."
-        )
-    if not any(isinstance(m, _WEIGHTED) for m in net.modules()):
-        raise PartitionError(
-            f"{type(net).__name__} contains no weighted layer (nn.Conv*d or nn.Linear): nothing to train."
-        )
+    _check_n(n)
+    neurons = _check_spiking(net)
     step_modes = {m.step_mode for m in neurons}
     if len(step_modes) > 1:
         raise PartitionError(
@@ -491,8 +481,7 @@ def observe(
         PartitionError: when the network has no neuron or weighted layer, its output depends on no
             parameter, or a parameter is shared by two blocks.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise PartitionError(f"n must be a positive int (layers per block), got {n!r}")
+    _check_n(n)
     neurons = _check_spiking(net)
     calls: list[_Call] = []
     stack: list[_Call] = []
@@ -583,6 +572,11 @@ def observe(
     )
     inputs = [starts[group[0]].input.detach() for group in groups[1:]]  # type: ignore[union-attr]
     return Observation(partition=part, entry_shape=steps[0] if steps else None, block_inputs=inputs)
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PartitionError(f"n must be a positive int (layers per block), got {n!r}")
 
 
 def _check_spiking(net: nn.Module) -> list[neuron.BaseNode]:
