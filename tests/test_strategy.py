@@ -108,6 +108,19 @@ def test_k_equal_T_is_lightnings_automatic_optimisation(make_trainer, scheduler)
     assert trainer.callback_metrics["train_loss_epoch"] == pytest.approx(plain.callback_metrics["train_loss_epoch"])
 
 
+def test_training_step_returning_none_skips_the_chunk(make_trainer):
+    class Skipping(UserModule):
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            super().training_step(batch, batch_idx)
+
+    module = Skipping()
+    before = [p.detach().clone() for p in module.net.parameters()]
+    trainer = make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1), max_epochs=1)
+    trainer.fit(module, event_batches(n=8, T=4))
+    assert trainer.global_step == 0 and len(module.calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True))
+
+
 def test_callbacks_monitor_the_users_metrics(make_trainer, tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="train_acc_epoch", mode="max")
     stop = EarlyStopping(monitor="train_loss_epoch", patience=0, min_delta=10.0)

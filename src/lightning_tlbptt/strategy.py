@@ -369,11 +369,13 @@ class TruncatedLocalBPTT(DDPStrategy):
                 "with the checkpoint's settings, or start a new fit from its weights (load the module's state_dict "
                 "without ckpt_path)."
             )
-        module.load_state_dict(checkpoint["state_dict"], strict=False)
-        missing = [k for k in module.state_dict() if not k.startswith(f"{CLASSIFIERS_ATTR}.")]
-        absent = set(missing) - set(checkpoint["state_dict"])
-        if strict and absent:
-            raise RuntimeError(f"checkpoint lacks keys of {type(module).__name__}: {sorted(absent)[:5]}")
+        result = module.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [key for key in result.missing_keys if not key.startswith(f"{CLASSIFIERS_ATTR}.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"the checkpoint does not fit {type(module).__name__}: missing {missing[:5]}, unexpected "
+                f"{result.unexpected_keys[:5]}"
+            )
         classifiers.load_state_dict(saved["state_dict"])
 
     # --- the training step --------------------------------------------------------------------------------------
@@ -407,7 +409,7 @@ class TruncatedLocalBPTT(DDPStrategy):
                 with self._packing(module):
                     output = super().training_step(chunk, *rest, **kwargs)
                 if self._split == "network":
-                    self._check_window(chunk_index)
+                    self._check_window()
                 if chunk_index == 0 and self.world_size > 1:
                     self._agree_on_chunks(batch, batch_idx)
                 with self._packing(module):
@@ -486,18 +488,13 @@ class TruncatedLocalBPTT(DDPStrategy):
             if start >= self._seen_T:
                 return
 
-    def _check_window(self, chunk_index: int) -> None:
+    def _check_window(self) -> None:
         if self._seen_T is None:
             module = self.lightning_module
             raise RuntimeError(
                 f"{type(module).__name__}.training_step did not call the network {type(self._net).__name__} "
                 "(or called it without reaching its first module): TruncatedLocalBPTT cuts the time axis where "
                 "the network receives it. Call the network in training_step, or use time_split='batch'."
-            )
-        if chunk_index == 0 and self.k > self._seen_T and not self._checked_first_batch:
-            raise ValueError(
-                f"k={self.k} is larger than the number of time steps T={self._seen_T} the network receives; "
-                f"choose k <= {self._seen_T}."
             )
 
     def _agree_on_chunks(self, batch: Any, batch_idx: int) -> None:
@@ -548,6 +545,9 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._check_gradients(module, chunk_index, batch_idx)
         self._reduce_gradients(module)
         loss = output.get("loss") if isinstance(output, Mapping) else output
+        if loss is None:  # training_step returned None: skip this chunk's step, as Lightning skips a batch
+            optimizer.zero_grad()
+            return
         # Lightning clips gradients (through the module's configure_gradient_clipping) only under automatic
         # optimisation, right after on_before_optimizer_step; its precision plugins skip a step whose closure
         # returned None. So the step runs flagged automatic, with a closure that returns the chunk's loss.
