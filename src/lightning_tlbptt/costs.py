@@ -21,17 +21,13 @@ without a Trainer or data; the network may live on the ``meta`` device. :func:`e
 :meth:`NetworkProfile.estimate` evaluate the model for a ``(T, k, n, batch, classifier)``
 configuration and return a :class:`CostEstimate` with a per-layer breakdown. Where the paper leaves
 a point open, the reading taken here is the one that reproduces the figures it quotes; ``docs/costs.md``
-lists each choice and the figures obtained. :func:`costs_main` is the ``tlbptt costs`` command.
+lists each choice and the figures obtained. The ``tlbptt costs`` command is in :mod:`lightning_tlbptt.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
 import math
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Literal
@@ -576,119 +572,8 @@ def _classifier_inputs(out_shape: tuple[int, ...], pool: int | None) -> int:
 # ----------------------------------------------------------------------------------------------- command
 
 
-def _build(
-    spec: str, input_shape: tuple[int, ...] | None, num_classes: int | None, device: str
-) -> tuple[nn.Module, tuple[int, ...]]:
-    """Build a network from a :data:`~lightning_tlbptt.models.MODELS` name or a ``module:factory`` path."""
-    kwargs: dict[str, object] = {}
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-    else:
-        from lightning_tlbptt.models import MODELS
-
-        if spec not in MODELS:
-            raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(MODELS))} or 'module:factory'")
-        factory = MODELS[spec]
-        defaults = inspect.signature(factory).parameters
-        if input_shape is None:
-            size = defaults["input_size"].default
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            input_shape = (defaults["in_channels"].default, *size)
-        else:
-            kwargs.update(in_channels=input_shape[0], input_size=tuple(input_shape[1:]))
-        if num_classes is not None:
-            kwargs["num_classes"] = num_classes
-    if input_shape is None:
-        raise ValueError("--input-shape is required for a 'module:factory' network")
-    with torch.device(device):
-        net = factory(**kwargs)
-    return net, input_shape
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _pool(text: str) -> int | None:
-    return None if text.lower() == "none" else _ints(text)[0]
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3e}"
-
-
 def costs_main(argv: list[str] | None = None) -> int:
-    """``tlbptt costs``: print the paper-style cost table over a grid of ``k`` and ``n``.
+    """``tlbptt costs``; the command lives in :func:`lightning_tlbptt.cli.costs_main` (kept here for 0.2 callers)."""
+    from lightning_tlbptt.cli import costs_main as command
 
-    One row per ``(k, n, classifier)``, standard BPTT first: reads, writes, memory access, additions,
-    MACs (counts for one batch iteration) and analytic memory (bytes), then each as a ratio to BPTT.
-    """
-    parser = argparse.ArgumentParser(
-        prog="tlbptt costs",
-        description="Analytic training costs (Guo et al. 2023, Eqs. 9-17) of one batch iteration over a grid of "
-        "truncation intervals k and block sizes n, relative to standard BPTT.",
-    )
-    parser.add_argument("model", help="a model of lightning_tlbptt.models.MODELS or a 'package.module:factory' path")
-    parser.add_argument("--input-shape", type=_ints, default=None, help="one sample at one step, e.g. 2,128,128")
-    parser.add_argument("--num-classes", type=int, default=None, help="output width passed to the model builder")
-    parser.add_argument("--T", type=int, required=True, help="time steps per sample")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--k", type=_ints, default=None, help="truncation intervals, e.g. 60,30,10,5,1 (default: T)")
-    parser.add_argument("--n", type=_ints, default=[1], help="hidden layers per block, e.g. 4,2,1")
-    parser.add_argument("--classifier", default="trainable", help="trainable, random, or both: trainable,random")
-    parser.add_argument("--sparsity", type=float, default=1.0, help="input density alpha of every layer")
-    parser.add_argument(
-        "--classifier-pool", type=_pool, default=4, help="local classifiers' pooling bound, or 'none' (the paper's)"
-    )
-    parser.add_argument("--device", default="meta", help="where to build the network (meta allocates nothing)")
-    args = parser.parse_args(argv)
-    kinds = [c.strip() for c in args.classifier.split(",")]
-    if any(c not in ("trainable", "random") for c in kinds):
-        parser.error(f"--classifier must be trainable, random or trainable,random, got {args.classifier!r}")
-    try:
-        net, input_shape = _build(
-            args.model, tuple(args.input_shape) if args.input_shape else None, args.num_classes, args.device
-        )
-        prof = profile(net, input_shape, classifier_pool=args.classifier_pool)
-        base = prof.bptt(T=args.T, batch_size=args.batch_size, sparsity=args.sparsity)
-        rows = [("BPTT", base)]
-        for kind in kinds:
-            for n in args.n:
-                for k in args.k or [args.T]:
-                    est = prof.estimate(
-                        T=args.T, k=k, n=n, batch_size=args.batch_size, classifier=kind, sparsity=args.sparsity
-                    )
-                    rows.append((kind, est))
-    except ValueError as err:
-        print(f"tlbptt costs: error: {err}", file=sys.stderr)
-        return 1
-    metrics = ("reads", "writes", "memory_access", "additions", "macs", "memory")
-    labels = ("reads", "writes", "mem.access", "additions", "MACs", "memory[B]")
-    header = ["classifier", "k", "n", "blocks", *labels, *(f"{m.removesuffix('[B]')}/BPTT" for m in labels)]
-    lines = []
-    for kind, est in rows:
-        ratio = est.relative_to(base)
-        lines.append(
-            [kind, str(est.k), str(est.n), str(est.num_blocks)]
-            + [_fmt(getattr(est, m)) for m in metrics]
-            + [f"{getattr(ratio, m):.4f}" for m in metrics]
-        )
-    print(
-        f"{args.model} input {list(input_shape)} T={args.T} batch={args.batch_size} sparsity={args.sparsity} "
-        f"classifier_pool={args.classifier_pool} ({prof.n_hidden} hidden layers + output; counts per batch "
-        "iteration, memory in bytes)"
-    )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for line in lines:
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
-    return 0
+    return command(argv)
