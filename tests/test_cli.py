@@ -11,6 +11,7 @@ import pytest
 from lightning_tlbptt.cli import COMMANDS, main
 
 CLI = Path(__file__).resolve().parents[1] / "src" / "lightning_tlbptt" / "cli.py"
+COSTS_HELP = "try:\n    main(['costs', '--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
 
 
 def _tlbptt() -> list[str]:
@@ -45,11 +46,9 @@ def test_costs_command_parses_its_options_before_importing_torch_or_lightning():
         f"spec = importlib.util.spec_from_file_location('tlbptt_cli', {str(CLI)!r})\n"
         "cli = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(cli)\n"
-        "try:\n"
-        "    cli.main(['costs', '--help'])\n"
-        "except SystemExit as exit:\n"
-        "    assert exit.code == 0, exit.code\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'lightning_tlbptt')))\n"
+        "main = cli.main\n"
+        + COSTS_HELP
+        + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', 'lightning_tlbptt')))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -65,15 +64,7 @@ def test_costs_command_parses_its_options_before_importing_torch_or_lightning():
     "Needs the CLI outside the package (or a lazy core): a layout decision of issue 12.",
 )
 def test_costs_help_through_the_console_script_does_not_load_lightning():
-    code = (
-        "import sys\n"
-        "from lightning_tlbptt.cli import main\n"
-        "try:\n"
-        "    main(['costs', '--help'])\n"
-        "except SystemExit as exit:\n"
-        "    assert exit.code == 0, exit.code\n"
-        "print('lightning' in sys.modules)\n"
-    )
+    code = "import sys\nfrom lightning_tlbptt.cli import main\n" + COSTS_HELP + "print('lightning' in sys.modules)\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("False")
