@@ -8,6 +8,10 @@ middle of the threshold range; --help lists the flags.
     python examples/cifar10_dvs.py                      # TruncatedLocalBPTT(k=10, n=1), 100 epochs
     python examples/cifar10_dvs.py --bptt               # plain BPTT
     python examples/cifar10_dvs.py --k 2 --n 1 --logger wandb --devices 2
+    python examples/cifar10_dvs.py --fom                # also cost/fom (Eq. 18) against a cached BPTT run
+
+A W&B agent runs this script for examples/sweeps/cifar10_dvs.yaml (--name=value flags; it logs cost/fom, the
+template's metric): see docs/sweeps.md.
 """
 
 import sys

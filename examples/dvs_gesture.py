@@ -8,6 +8,10 @@ middle of the threshold range; --help lists the flags.
     python examples/dvs_gesture.py                      # TruncatedLocalBPTT(k=10, n=1), 100 epochs
     python examples/dvs_gesture.py --bptt               # plain BPTT
     python examples/dvs_gesture.py --k 2 --n 1 --logger wandb --devices 2
+    python examples/dvs_gesture.py --fom                # also cost/fom (Eq. 18) against a cached BPTT run
+
+A W&B agent runs this script for examples/sweeps/dvs_gesture.yaml (--name=value flags; it logs cost/fom, the
+template's metric): see docs/sweeps.md.
 """
 
 import sys

@@ -8,6 +8,10 @@ middle of the threshold range; --help lists the flags.
     python examples/emnist.py                      # TruncatedLocalBPTT(k=5, n=2), 100 epochs
     python examples/emnist.py --bptt               # plain BPTT
     python examples/emnist.py --k 2 --n 1 --logger wandb --devices 2
+    python examples/emnist.py --fom                # also cost/fom (Eq. 18) against a cached BPTT run
+
+A W&B agent runs this script for examples/sweeps/emnist.yaml (--name=value flags; it logs cost/fom, the
+template's metric): see docs/sweeps.md.
 """
 
 import sys

@@ -9,6 +9,10 @@ middle of the threshold range; --help lists the flags.
     python examples/event_mnist.py                      # TruncatedLocalBPTT(k=10, n=1), 100 epochs
     python examples/event_mnist.py --bptt               # plain BPTT
     python examples/event_mnist.py --k 2 --n 1 --logger wandb --devices 2
+    python examples/event_mnist.py --fom                # also cost/fom (Eq. 18) against a cached BPTT run
+
+A W&B agent runs this script for examples/sweeps/event_mnist.yaml (--name=value flags; it logs cost/fom, the
+template's metric): see docs/sweeps.md.
 """
 
 import sys

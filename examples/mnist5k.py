@@ -9,6 +9,10 @@ middle of the threshold range; --help lists the flags.
     python examples/mnist5k.py                      # TruncatedLocalBPTT(k=5, n=2), 100 epochs
     python examples/mnist5k.py --bptt               # plain BPTT
     python examples/mnist5k.py --k 2 --n 1 --logger wandb --devices 2
+    python examples/mnist5k.py --fom                # also cost/fom (Eq. 18) against a cached BPTT run
+
+A W&B agent runs this script for examples/sweeps/mnist5k.yaml (--name=value flags; it logs cost/fom, the
+template's metric): see docs/sweeps.md.
 """
 
 import sys

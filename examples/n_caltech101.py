@@ -8,6 +8,10 @@ middle of the threshold range; --help lists the flags.
     python examples/n_caltech101.py                      # TruncatedLocalBPTT(k=10, n=5), 100 epochs
     python examples/n_caltech101.py --bptt               # plain BPTT
     python examples/n_caltech101.py --k 2 --n 1 --logger wandb --devices 2
+    python examples/n_caltech101.py --fom                # also cost/fom (Eq. 18) against a cached BPTT run
+
+A W&B agent runs this script for examples/sweeps/n_caltech101.yaml (--name=value flags; it logs cost/fom, the
+template's metric): see docs/sweeps.md.
 """
 
 import sys
