@@ -304,3 +304,32 @@ def test_wandb_agent_runs_a_template_trial_offline_and_logs_its_metric(tmp_path,
     assert config["metric"]["name"] in keys and "val/acc" in keys
     (reference,) = (tmp_path / "cache" / "lightning_tlbptt" / "references").glob("mnist5k-*.json")
     assert 0.0 <= json.loads(reference.read_text())["metrics"]["val/acc"] <= 1.0
+
+
+def test_reference_acc_gives_the_figure_of_merit_without_a_reference_run(tmp_path, monkeypatch):
+    """Outside an agent: `--reference-acc` (a template's `reference_acc`) logs cost/fom and trains no BPTT run."""
+    from lightning_tlbptt.paper import train_main
+
+    monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    argv = ["--k=2", "--n=1", "--T=2", "--batch_size=8", "--epochs=1", "--accelerator=cpu", "--reference_acc=0.5"]
+    argv += ["--limit_train_batches=2", "--limit_val_batches=1", "--log_dir", str(tmp_path)]
+    assert train_main("mnist5k", argv) == 0
+    (run,) = (tmp_path / "mnist5k-k2-n1-trainable").iterdir()
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    (fom,) = [r for r in rows if r.get("cost/fom")]
+    (accuracy,) = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert float(fom["cost/accuracy_loss"]) == pytest.approx(0.5 - accuracy)
+    assert not (tmp_path / "cache").exists()  # no cached BPTT run was needed
+
+
+def test_offline_trial_honours_reference_acc_too(tmp_path):
+    from lightning_tlbptt.sweeps import paper_trial
+
+    params = {"k": 2, "n": 1, "T": 2, "batch_size": 8, "limit_train_batches": 1, "limit_val_batches": 1}
+    (tmp_path / "trial-000").mkdir()
+    metrics = paper_trial("mnist5k")({**params, "reference_acc": 0.5}, tmp_path / "trial-000")
+    assert metrics["reference/val_acc"] == 0.5
+    assert metrics["cost/accuracy_loss"] == pytest.approx(0.5 - metrics["val/acc"])
+    assert not (tmp_path / "reference.json").exists()
