@@ -17,6 +17,7 @@ because LightningCLI configs are plain files, and ``tests/test_paper.py`` checks
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import os
 import sys
@@ -235,6 +236,19 @@ def _names(flag: str) -> tuple[str, ...]:
     return (flag, "--" + flag[2:].replace("-", "_")) if "-" in flag[2:] else (flag,)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one; the ``--long_flag`` spellings left to the epilog."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) == 2 and action.option_strings[1] == _names(action.option_strings[0])[-1]:
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]
+        return super()._format_action_invocation(action)
+
+
 def _make_logger(kind: str, save_dir: str, name: str) -> Logger:
     if kind == "csv":
         return CSVLogger(save_dir, name=name)
@@ -280,7 +294,7 @@ def train_parser(dataset: str, *, k: int = 5, n: int = 2) -> argparse.ArgumentPa
         description=f"Train {spec.model} on {dataset} with TruncatedLocalBPTT (or plain BPTT), the paper's "
         f"setting (Table 1) unless changed. {spec.note}".strip(),
         epilog="Every --long-flag also answers to its --long_flag spelling, as a W&B agent writes sweep parameters.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
 
     def add(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
