@@ -239,6 +239,7 @@ def report(args: argparse.Namespace) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
     rows = _read(args.out)
     curves = _read(args.curves)
@@ -304,6 +305,7 @@ def report(args: argparse.Namespace) -> int:
                 )
         ax.set_title(f"{DATASET_NAMES[d]}: validation accuracy per epoch (one line per seed)")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
@@ -324,6 +326,9 @@ def report(args: argparse.Namespace) -> int:
             mean, sd, _, _ = _stats(accs)
             ax.errorbar(mem, mean, yerr=sd, fmt="o", color=colors[s], capsize=4, ms=7, label=LABELS[s])
         ax.set_xscale("log")
+        ax.set_xticks([10, 20, 50, 100, 200, 500])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{DATASET_NAMES[d]}: accuracy against training memory")
         ax.set_xlabel("peak training memory, MiB (saved activations + state; log scale)")
         ax.set_ylabel("final validation accuracy (%)")
