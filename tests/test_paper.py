@@ -139,7 +139,7 @@ def test_config_instantiates_the_paper_setting(name: str, tmp_path: Path, monkey
 
 def test_bad_values_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="k must be a positive int or 'auto', got 0"):
         build_cli(["--config", MNIST5K, "--trainer.strategy.init_args.k=0"], run=False)
     with pytest.raises(ValueError, match="unknown model 'lenet9'; available models: alexnet"):
         build_cli(["--config", MNIST5K, "--model.model=lenet9"], run=False)
@@ -148,7 +148,7 @@ def test_bad_values_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert train_command(["mnist"]) == 2  # usage, naming the datasets
     with pytest.raises(SystemExit):
         train_main("mnist5k", ["--download"])  # nothing to download: an argparse error
-    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="k must be a positive int or 'auto', got 0"):
         train_main("mnist5k", ["--k", "0", "--log-dir", str(tmp_path)])
 
 

