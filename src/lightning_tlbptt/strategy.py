@@ -172,6 +172,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             raise ValueError(f"silent_steps must be a positive int or None, got {silent_steps!r}")
         super().__init__(**kwargs)
         self.k = k
+        self._k_auto = k == "auto"
         self.n = n
         self.memory_budget = None if memory_budget is None else budget.parse_bytes(memory_budget)
         self.memory_model: budget.MemoryModel | None = None
@@ -262,6 +263,8 @@ class TruncatedLocalBPTT(DDPStrategy):
             trainer._accelerator_connector.use_distributed_sampler = False
         self._checked_first_batch = False
         self._silent, self._warned_silent = {}, set()
+        if self._k_auto:
+            self.k = "auto"  # chosen anew for every fit
         name, self._net = find_network(module, self.network, exclude=(CLASSIFIERS_ATTR,))
         self._split = self._resolve_split(self._net)
         if self._split == "batch" and self.memory_budget is not None:
