@@ -265,6 +265,7 @@ def test_model_zoo_exact_at_k_equal_T_and_trains_per_block(name: str, make_train
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a 152-layer ResNet fitted three times on two shared cores
 @pytest.mark.parametrize("name", list(SLOW_ZOO))
 def test_whole_model_zoo(name: str, make_trainer) -> None:
     _check_zoo_model(name, SLOW_ZOO[name], make_trainer)
