@@ -325,6 +325,19 @@ def test_silent_output_is_reported_once(make_trainer):
         )
 
 
+def test_one_silent_output_neuron_is_named(make_trainer):
+    net = conv_net()
+    with torch.no_grad():
+        net[-2].weight[2] = -100.0  # output neuron 2 (class 2) never fires; the others do
+        net[-2].bias[2] = -100.0
+    module = SpikingClassifier(net, lr=0.01, lr_step_epochs=0)
+    named = r"output neuron\(s\) \[[^\]]*\b2\b[^\]]*\] of 4 of the network's output layer has not spiked"
+    with pytest.warns(UserWarning, match=named):
+        make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1, silent_steps=3), max_epochs=1).fit(
+            module, event_batches(n=16, T=4, batch_size=8)
+        )
+
+
 def test_transposing_network_with_reset_inside_forward(make_trainer):
     """SpikingJelly's memopt-example style: reset_net and [B, T] -> [T, B] inside the network's own forward."""
 

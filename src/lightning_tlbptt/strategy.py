@@ -199,7 +199,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._local_losses: list[Tensor] = []
         self._readouts: list[list[Tensor]] = []
         self._spiked: dict[str, Tensor] = {}
-        self._silent: dict[str, int] = {}
+        self._silent: dict[str, list[int]] = {}
         self._warned_silent: set[str] = set()
         self._output_spikes = False
         self._probe: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
@@ -900,8 +900,9 @@ class TruncatedLocalBPTT(DDPStrategy):
         return target.to(self.root_device)
 
     def _note_spikes(self, key: str, spikes: Tensor) -> None:
+        """Whether each output neuron (last axis) of ``spikes [..., C]`` fired in this chunk, kept on the device."""
         if self.silent_steps is not None:
-            spiked = spikes.detach().ne(0).any()
+            spiked = spikes.detach().ne(0).reshape(-1, spikes.shape[-1]).any(0)
             self._spiked[key] = spiked if key not in self._spiked else self._spiked[key] | spiked
 
     def _check_gradients(self, module: pl.LightningModule, chunk_index: int, batch_idx: int) -> None:
@@ -912,10 +913,15 @@ class TruncatedLocalBPTT(DDPStrategy):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         norm = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else torch.zeros(())
         keys = list(self._spiked)
-        values = torch.stack([norm.to(self.root_device), *(self._spiked[k].float() for k in keys)]).tolist()
+        flags = [self._spiked[k].float() for k in keys]
+        values = torch.cat([norm.to(self.root_device).reshape(1), *flags]).tolist()
         self._spiked.clear()
-        for key, spiked in zip(keys, values[1:], strict=True):
-            self._silent[key] = 0 if spiked else self._silent.get(key, 0) + 1
+        offset = 1
+        for key, neurons_ in zip(keys, flags, strict=True):
+            fired = values[offset : offset + len(neurons_)]
+            offset += len(neurons_)
+            counts = self._silent.get(key, [0] * len(fired))
+            self._silent[key] = [0 if f else c + 1 for f, c in zip(fired, counts, strict=True)]
         self._warn_if_silent(module)
         if torch.isfinite(torch.tensor(values[0])):
             return
@@ -928,17 +934,25 @@ class TruncatedLocalBPTT(DDPStrategy):
         )
 
     def _warn_if_silent(self, module: pl.LightningModule) -> None:
+        """Once per readout: a neuron that never fires gets no surrogate gradient and can stay silent for good.
+
+        Counted per output neuron, since one silent class (its accuracy 0) is the usual way such runs fail.
+        """
         if self.silent_steps is None:
             return
-        for key, count in self._silent.items():
-            if count >= self.silent_steps and key not in self._warned_silent:
-                self._warned_silent.add(key)
-                rank_zero_warn(
-                    f"{key} has not spiked for {count} optimizer steps in a row (global step "
-                    f"{module.trainer.global_step}), so it passes no gradient back. This usually means the learning "
-                    f"rate is too high: every batch takes T/k optimizer steps (k={self.k}); lower it, or check the "
-                    "neurons' thresholds. (TruncatedLocalBPTT(silent_steps=None) turns this check off.)"
-                )
+        for key, counts in self._silent.items():
+            silent = [i for i, c in enumerate(counts) if c >= self.silent_steps]
+            if not silent or key in self._warned_silent:
+                continue
+            self._warned_silent.add(key)
+            who = key if len(silent) == len(counts) else f"output neuron(s) {silent} of {len(counts)} of {key}"
+            rank_zero_warn(
+                f"{who} has not spiked for {max(counts)} optimizer steps in a row (global step "
+                f"{module.trainer.global_step}), so it passes no gradient back and its class may stay unlearnt. "
+                f"This usually means the learning rate is too high: every batch takes T/k optimizer steps "
+                f"(k={self.k}); lower it, or check the neurons' thresholds. (TruncatedLocalBPTT(silent_steps=None) "
+                "turns this check off.)"
+            )
 
     def _block_of(self, module: pl.LightningModule, name: str) -> str:
         assert self.partition is not None
