@@ -196,6 +196,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._checked_first_batch = False
         self._window = (0, 0)
         self._seen_T: int | None = None
+        self._chunk_count = 0  # chunks of the current batch under the batch split
         self._local_losses: list[Tensor] = []
         self._readouts: list[list[Tensor]] = []
         self._spiked: dict[str, Tensor] = {}
@@ -403,21 +404,21 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._backward_fn = module.manual_backward
         output: STEP_OUTPUT = None
         meter = self._start_budget_check()
-        totals = torch.zeros(len(classifiers))
+        totals = torch.zeros(len(classifiers), device=self.root_device)  # read once per batch, when logged
         n_chunks = 0
         with self._holding_states(nets), self._cuts() as target_slot:
             for chunk_index, chunk in enumerate(self._chunks(batch)):
-                target_slot[0] = self._local_target(chunk, batch_idx) if len(classifiers) else None
+                if len(classifiers) and (chunk_index == 0 or self._split == "batch"):
+                    # the network split hands every chunk the same batch: check and move its target once
+                    target_slot[0] = self._local_target(chunk, batch_idx)
                 self._seen_T = None
                 with self._packing(module):
                     output = super().training_step(chunk, *rest, **kwargs)
-                if self._split == "network":
-                    self._check_window()
-                if chunk_index == 0 and self.world_size > 1:
-                    self._agree_on_chunks(batch, batch_idx)
-                with self._packing(module):
-                    losses = self._backward(module, output, target_slot[0])
-                totals = totals + losses.to(totals.device)
+                    if self._split == "network":
+                        self._check_window()
+                    if chunk_index == 0 and self.world_size > 1:
+                        self._agree_on_chunks(batch_idx)
+                    totals += self._backward(module, output, target_slot[0])
                 self._optimizer_step(module, chunk_index, batch_idx, output)
                 for net in nets:
                     _detach_states(net)
@@ -480,6 +481,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             chunks = self.split_batch(batch, self.k)
             if not chunks:
                 raise ValueError("the batch is empty along its time axis: nothing to train on.")
+            self._chunk_count = len(chunks)
             yield from chunks
             return
         start = 0
@@ -500,14 +502,13 @@ class TruncatedLocalBPTT(DDPStrategy):
                 "the network receives it. Call the network in training_step, or use time_split='batch'."
             )
 
-    def _agree_on_chunks(self, batch: Any, batch_idx: int) -> None:
+    def _agree_on_chunks(self, batch_idx: int) -> None:
         """Every rank must run as many chunks (optimizer steps, gradient all-reduces) as the others.
 
         One small all-reduce per batch; on disagreement every rank raises the same error at once instead of
         waiting in the next gradient all-reduce until the process group times out.
         """
-        steps = self._seen_T if self._split == "network" else len(self.split_batch(batch, self.k)) * self.k
-        chunks = -(-int(steps or 0) // self.k)
+        chunks = -(-int(self._seen_T or 0) // self.k) if self._split == "network" else self._chunk_count
         counts = torch.tensor([chunks, -chunks], device=self.root_device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX)
         most, fewest = int(counts[0]), -int(counts[1])
@@ -538,7 +539,7 @@ class TruncatedLocalBPTT(DDPStrategy):
                 losses[i] = losses[i] + local.detach()
                 self._note_spikes(f"the local classifier of block {i}", torch.cat(steps))
                 steps.clear()
-        done = torch.stack(losses) if losses else torch.zeros(0)
+        done = torch.stack(losses) if losses else torch.zeros(0, device=self.root_device)
         self._local_losses = [torch.zeros((), device=self.root_device) for _ in losses]
         return done
 
