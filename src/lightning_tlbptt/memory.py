@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from types import TracebackType
 
 import torch
 from torch import Tensor
 
-__all__ = ["SavedTensorsMeter"]
+__all__ = ["SavedTensorsMeter", "training_state_bytes"]
 
 
 class _Saved:
@@ -83,3 +84,27 @@ class SavedTensorsMeter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._hooks.__exit__(exc_type, exc, tb)
+
+
+def training_state_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Bytes that training keeps whatever ``k`` and ``n`` are: parameters, gradients and optimizer state.
+
+    Gradients are counted from the parameters (one per trainable parameter), not read from ``.grad``: the
+    strategy frees them after each optimizer step while a plain loop keeps them, and both hold them at the
+    step, which is the peak. The optimizer's state is counted as allocated, or, before its first step, as it
+    will be (Adam's two moments, SGD's momentum buffer), so that a budget checked at setup sees it.
+
+    Args:
+        params: the module's parameters; none for the optimizer's state alone (on CUDA, where
+            ``max_memory_allocated`` already holds the parameters and gradients).
+        optimizer: the optimizer that steps them.
+    """
+    params = list(params)
+    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
+    if state:
+        return total + sum(t.numel() * t.element_size() for t in state)
+    for group in optimizer.param_groups:
+        slots = 2 if "betas" in group else 1 if group.get("momentum", 0) else 0
+        total += slots * sum(p.numel() * p.element_size() for p in group["params"] if p.requires_grad)
+    return total

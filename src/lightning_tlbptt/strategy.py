@@ -49,7 +49,7 @@ from typing_extensions import override
 from lightning_tlbptt import budget, neurons, packing
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
-from lightning_tlbptt.memory import SavedTensorsMeter
+from lightning_tlbptt.memory import SavedTensorsMeter, training_state_bytes
 from lightning_tlbptt.partitioning import Cut, Partition, PartitionError, _first_tensor, find_network, observe
 
 __all__ = ["TimeSplit", "TruncatedLocalBPTT", "strip_local_classifiers"]
@@ -827,8 +827,9 @@ class TruncatedLocalBPTT(DDPStrategy):
                     out = _first_tensor(self._net(*args, **kwargs))
                     assert out is not None
                     out.float().sum().backward()  # stands in for the user's loss on the last block
-                peak = torch.cuda.max_memory_allocated(device) if cuda else meter.peak_bytes + _params_bytes(module, 2)
-            return peak + _optimizer_state_bytes(self.optimizers[0])
+                if cuda:
+                    return torch.cuda.max_memory_allocated(device) + training_state_bytes([], self.optimizers[0])
+                return meter.peak_bytes + training_state_bytes(module.parameters(), self.optimizers[0])
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
@@ -853,7 +854,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         if self.root_device.type == "cuda":
             used = torch.cuda.max_memory_allocated(self.root_device)
         else:
-            used = meter.peak_bytes + _params_bytes(module, 2) + _optimizer_state_bytes(self.optimizers[0])
+            used = meter.peak_bytes + training_state_bytes(module.parameters(), self.optimizers[0])
         self.memory_used = used
         if used > self.memory_budget:
             rank_zero_warn(
@@ -1053,25 +1054,6 @@ def _detach_states(net: nn.Module) -> None:
 
 def _plain_backward(loss: Tensor) -> None:
     loss.backward()
-
-
-def _params_bytes(module: nn.Module, copies: int) -> int:
-    """Bytes of the trainable parameters, ``copies`` times (2: the parameters and their gradients)."""
-    return copies * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-
-
-def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """The optimizer's state: as allocated, or before its first step as it will be (Adam's two moments, SGD's
-    momentum buffer)."""
-    tensors = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, Tensor)]
-    allocated = sum(t.numel() * t.element_size() for t in tensors)
-    if allocated:
-        return allocated
-    total = 0
-    for group in optimizer.param_groups:
-        slots = 2 if "betas" in group else 1 if group.get("momentum", 0) else 0
-        total += slots * sum(p.numel() * p.element_size() for p in group["params"] if p.requires_grad)
-    return total
 
 
 def _bind(fn: Callable[..., Any], *bound: Any) -> Callable[..., Any]:
