@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from spikingjelly.activation_based import functional, layer
 from torch import nn
@@ -332,10 +332,31 @@ def test_one_silent_output_neuron_is_named(make_trainer):
         net[-2].bias[2] = -100.0
     module = SpikingClassifier(net, lr=0.01, lr_step_epochs=0)
     named = r"output neuron\(s\) \[[^\]]*\b2\b[^\]]*\] of 4 of the network's output layer has not spiked"
-    with pytest.warns(UserWarning, match=named):
+    with pytest.warns(UserWarning, match=named) as record:
         make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1, silent_steps=3), max_epochs=1).fit(
             module, event_batches(n=16, T=4, batch_size=8)
         )
+
+    (message,) = [str(w.message) for w in record if "of the network's output layer has not spiked" in str(w.message)]
+    assert "since training started" in message and "bias" in message  # dead from init: the lr is not the cure
+
+
+def test_output_that_stops_firing_points_at_the_learning_rate(make_trainer):
+    class Silence(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 1:  # fired during the first batch, then silenced
+                module.net[-1].v_threshold = 1e9
+
+    net = conv_net()
+    with torch.no_grad():
+        net[-2].bias += 10.0  # every output neuron fires from the start
+    module = SpikingClassifier(net, lr_step_epochs=0)
+    with pytest.warns(UserWarning, match="has not spiked") as record:
+        make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1, silent_steps=3), max_epochs=1, callbacks=[Silence()]).fit(
+            module, event_batches(n=16, T=4, batch_size=8)
+        )
+    (message,) = [str(w.message) for w in record if "of the network's output layer has not spiked" in str(w.message)]
+    assert "fired before" in message and "learning rate" in message
 
 
 def test_transposing_network_with_reset_inside_forward(make_trainer):

@@ -202,6 +202,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self._spiked: dict[str, Tensor] = {}
         self._silent: dict[str, list[int]] = {}
         self._warned_silent: set[str] = set()
+        self._silent_since_start = 0  # optimizer steps this fit: a neuron silent for all of them never fired
         self._output_spikes = False
         self._probe: tuple[Any, tuple[Any, ...], dict[str, Any]] | None = None
         self._probe_T: int | None = None
@@ -263,7 +264,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             # user's own DataLoader (and its order) must be used as with a single-device strategy.
             trainer._accelerator_connector.use_distributed_sampler = False
         self._checked_first_batch = False
-        self._silent, self._warned_silent = {}, set()
+        self._silent, self._warned_silent, self._silent_since_start = {}, set(), 0
         if self._k_auto:
             self.k = "auto"  # chosen anew for every fit
         name, self._net = find_network(module, self.network, exclude=(CLASSIFIERS_ATTR,))
@@ -924,6 +925,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             offset += len(neurons_)
             counts = self._silent.get(key, [0] * len(fired))
             self._silent[key] = [0 if f else c + 1 for f, c in zip(fired, counts, strict=True)]
+        self._silent_since_start += 1
         self._warn_if_silent(module)
         if torch.isfinite(torch.tensor(values[0])):
             return
@@ -948,12 +950,24 @@ class TruncatedLocalBPTT(DDPStrategy):
                 continue
             self._warned_silent.add(key)
             who = key if len(silent) == len(counts) else f"output neuron(s) {silent} of {len(counts)} of {key}"
+            steps = max(counts)
+            if min(counts[i] for i in silent) >= self._silent_since_start:  # none of them ever fired
+                why = (
+                    "It has not fired since training started: at initialization its inputs hold its membrane "
+                    "below the surrogate window, where no gradient passes, and a lower learning rate will not "
+                    "revive it. Start it inside the window: raise the bias of the layer that feeds it (e.g. so "
+                    "that its mean input holds the membrane at threshold on one batch, docs/results.md) or "
+                    "lower its threshold."
+                )
+            else:
+                why = (
+                    "It fired before, so the updates pushed it out: the learning rate is usually too high, and "
+                    f"every batch takes T/k optimizer steps (k={self.k}); lower it."
+                )
             rank_zero_warn(
-                f"{who} has not spiked for {max(counts)} optimizer steps in a row (global step "
+                f"{who} has not spiked for {steps} optimizer steps in a row (global step "
                 f"{module.trainer.global_step}), so it passes no gradient back and its class may stay unlearnt. "
-                f"This usually means the learning rate is too high: every batch takes T/k optimizer steps "
-                f"(k={self.k}); lower it, or check the neurons' thresholds. (TruncatedLocalBPTT(silent_steps=None) "
-                "turns this check off.)"
+                f"{why} (TruncatedLocalBPTT(silent_steps=None) turns this check off.)"
             )
 
     def _block_of(self, module: pl.LightningModule, name: str) -> str:
