@@ -1,4 +1,4 @@
-"""Batch layouts: bring what a DataLoader yields into SpikingJelly's time-major ``[T, B, ...]``."""
+"""The time axis: bring a batch into SpikingJelly's time-major ``[T, B, ...]``, and cut it into chunks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import Tensor
 
-__all__ = ["BatchLayout", "to_time_major"]
+__all__ = ["BatchLayout", "time_chunks", "to_time_major"]
 
 BatchLayout = Literal["BT", "TB"]
 """``"BT"``: ``[B, T, ...]`` as a DataLoader over tonic yields; ``"TB"``: SpikingJelly's ``[T, B, ...]``."""
@@ -31,3 +31,10 @@ def to_time_major(x: Tensor, layout: BatchLayout = "BT", T: int | None = None) -
     if layout == "TB":
         return x
     raise ValueError(f"batch_layout must be 'BT' ([B, T, ...]) or 'TB' ([T, B, ...]), got {layout!r}")
+
+
+def time_chunks(T: int, k: int | None) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each truncation interval over ``T`` steps: chunks of ``k``, the last one shorter when
+    ``k`` does not divide ``T``; ``k=None`` (or ``k >= T``) is the whole sequence, standard BPTT."""
+    step = T if k is None else k
+    return [(start, min(start + step, T)) for start in range(0, T, step)]

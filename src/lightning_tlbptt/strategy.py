@@ -48,6 +48,7 @@ from typing_extensions import override
 
 from lightning_tlbptt import budget, neurons, packing
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
+from lightning_tlbptt.layout import time_chunks
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.memory import SavedTensorsMeter, training_state_bytes
 from lightning_tlbptt.partitioning import Cut, Partition, PartitionError, _first_tensor, find_network, observe
@@ -457,13 +458,13 @@ class TruncatedLocalBPTT(DDPStrategy):
             apply_to_collection(
                 batch,
                 Tensor,
-                lambda t, s=start: (
-                    t.narrow(self.time_dim, s, min(k, steps - s))
+                lambda t, s=start, e=stop: (
+                    t.narrow(self.time_dim, s, e - s)
                     if t.dim() > max(self.time_dim, 1) and t.shape[self.time_dim] == steps
                     else t
                 ),
             )
-            for start in range(0, steps, k)
+            for start, stop in time_chunks(steps, k)
         ]
 
     @property
