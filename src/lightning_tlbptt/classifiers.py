@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -13,12 +14,32 @@ from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["ClassifierKind", "LocalClassifier"]
+__all__ = ["ClassifierKind", "LocalClassifier", "pooled_size", "readout_width"]
 
 ClassifierKind = Literal["trainable", "random"]
+"""``"trainable"`` local classifiers, or ``"random"`` ones (fixed random weights, Mostafa et al. 2018)."""
 
 _ADAPTIVE_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def pooled_size(spatial: Sequence[int], pool: int | None) -> tuple[int, ...]:
+    """Spatial size a local classifier reads from a feature map of size ``spatial``.
+
+    ``pool`` per axis when any axis is larger than ``pool``, else the map as it is; ``pool=None`` never pools
+    (the paper's classifier on the fully flattened block output).
+    """
+    if pool is not None and any(s > pool for s in spatial):
+        return (pool,) * len(spatial)
+    return tuple(spatial)
+
+
+def readout_width(shape: Sequence[int], pool: int | None) -> int:
+    """Input width of a local classifier reading a per-sample block output of ``shape``, ``(C, *spatial)`` or ``(F,)``.
+
+    The rule :class:`LocalClassifier` pools by, so the cost model counts the classifier the strategy builds.
+    """
+    return math.prod(shape[:1]) * math.prod(pooled_size(shape[1:], pool))
 
 
 class LocalClassifier(nn.Module):
@@ -70,13 +91,14 @@ class LocalClassifier(nn.Module):
     def forward(self, x_seq: Tensor) -> Tensor:
         k, b = x_seq.shape[:2]
         x = x_seq.flatten(0, 1)
-        spatial = x.shape[2:]
-        if spatial and any(s > self.pool for s in spatial):
-            if all(s % self.pool == 0 for s in spatial):
+        spatial = tuple(x.shape[2:])
+        size = pooled_size(spatial, self.pool)
+        if size != spatial:
+            if all(s % p == 0 for s, p in zip(spatial, size, strict=True)):
                 # the same windows as adaptive pooling, whose CPU kernel takes twice as long
-                x = _AVG_POOL[len(spatial)](x, [s // self.pool for s in spatial])
+                x = _AVG_POOL[len(spatial)](x, [s // p for s, p in zip(spatial, size, strict=True)])
             else:
-                x = _ADAPTIVE_POOL[len(spatial)](x, self.pool)
+                x = _ADAPTIVE_POOL[len(spatial)](x, size)
         x = x.flatten(1)
         # a lazy layer loaded from a checkpoint holds its weights already and only turns into nn.Linear
         # at its first forward

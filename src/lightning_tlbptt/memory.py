@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from types import TracebackType
 
 import torch
 from torch import Tensor
 
-__all__ = ["SavedTensorsMeter", "training_state_bytes"]
+__all__ = ["SavedTensorsMeter", "TrainingState", "training_state", "training_state_bytes"]
 
 
 class _Saved:
@@ -86,8 +87,21 @@ class SavedTensorsMeter:
         self._hooks.__exit__(exc_type, exc, tb)
 
 
-def training_state_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> int:
-    """Bytes that training keeps whatever ``k`` and ``n`` are: parameters, gradients and optimizer state.
+@dataclass(frozen=True)
+class TrainingState:
+    """Bytes that training keeps whatever ``k`` and ``n`` are (``N(w)`` and ``N(grads)`` of the paper's Eq. 8)."""
+
+    params: int
+    grads: int
+    optimizer_state: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer_state
+
+
+def training_state(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> TrainingState:
+    """Parameters, gradients and optimizer state of training, in bytes: the one rule every measurement uses.
 
     Gradients are counted from the parameters (one per trainable parameter), not read from ``.grad``: the
     strategy frees them after each optimizer step while a plain loop keeps them, and both hold them at the
@@ -100,11 +114,18 @@ def training_state_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimi
         optimizer: the optimizer that steps them.
     """
     params = list(params)
-    total = sum(p.numel() * p.element_size() * (2 if p.requires_grad else 1) for p in params)
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
     if state:
-        return total + sum(t.numel() * t.element_size() for t in state)
+        return TrainingState(weights, grads, sum(t.numel() * t.element_size() for t in state))
+    predicted = 0
     for group in optimizer.param_groups:
         slots = 2 if "betas" in group else 1 if group.get("momentum", 0) else 0
-        total += slots * sum(p.numel() * p.element_size() for p in group["params"] if p.requires_grad)
-    return total
+        predicted += slots * sum(p.numel() * p.element_size() for p in group["params"] if p.requires_grad)
+    return TrainingState(weights, grads, predicted)
+
+
+def training_state_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """:func:`training_state`'s total: parameters, gradients and optimizer state, in bytes."""
+    return training_state(params, optimizer).total
