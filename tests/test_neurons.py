@@ -52,6 +52,45 @@ def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config):
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-5, atol=1e-6)
 
 
+def _grad_through(node: neuron.LIFNode, x: torch.Tensor, consume) -> tuple[torch.Tensor, dict[str, int]]:
+    """``x``'s gradient through ``node`` and ``consume(spikes)``; data pointers of the two gradients at the node."""
+    functional.reset_net(node)
+    x = x.clone().requires_grad_()
+    ptrs: dict[str, int] = {}
+    x.register_hook(lambda g: ptrs.__setitem__("x", g.data_ptr()))
+    spikes = node(x)
+    spikes.register_hook(lambda g: ptrs.__setitem__("spikes", g.data_ptr()))
+    consume(spikes).backward()
+    return x.grad, ptrs
+
+
+def test_backward_overwrites_an_exclusive_gradient_and_never_a_shared_one():
+    torch.manual_seed(2)
+    x, w = torch.randn(6, 4, 2, 8, 8), torch.randn(6 * 4, 2, 4, 4)
+    fast, reference = _lif(), _lif()
+    accelerate(fast)
+
+    def pooled(s):  # a multi-step pool: its gradient is a view of a tensor that nothing else holds
+        return (torch.nn.functional.avg_pool2d(s.flatten(0, 1), 2) * w).sum()
+
+    expected, _ = _grad_through(reference, x, pooled)
+    got, ptrs = _grad_through(fast, x, pooled)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert ptrs["x"] == ptrs["spikes"]  # dL/dx written over dL/ds: one buffer, not two
+
+    # add hands one gradient to both inputs. The other input's backward (q's MulBackward, created before the
+    # neuron's node) runs after the neuron's, so the gradient is still needed when the kernel gets it.
+    leaf = torch.randn(6, 4, 2, 8, 8, requires_grad=True)
+    upstream = torch.randn(6, 4, 2, 8, 8)
+    q = leaf * 3.0
+    expected, _ = _grad_through(reference, x, lambda s: ((s + q) * upstream).sum())
+    leaf.grad = None
+    q = leaf * 3.0
+    got, ptrs = _grad_through(fast, x, lambda s: ((s + q) * upstream).sum())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(leaf.grad, 3.0 * upstream) and ptrs["x"] != ptrs["spikes"]
+
+
 def test_gradient_reaches_an_initial_voltage_that_requires_grad():
     torch.manual_seed(1)
     x = torch.randn(5, 4, 6)

@@ -78,8 +78,8 @@ def test_gradients_bit_identical_with_and_without_packing(function, fast):
     for name, grad in plain["grads"].items():
         assert grad.abs().sum() > 0, name  # every layer receives gradient: the comparison is not between zeros
         assert torch.equal(grad, packed["grads"][name]), name
-    # conv 1 input (marked by hand), max pool input, conv 2 input, avg pool input, linear input
-    assert packed["stats"].packed == 5
+    # conv 1 input (marked by hand), max pool input, conv 2 input, linear input; the avg pool's input as its shape
+    assert (packed["stats"].packed, packed["stats"].shape_only) == (4, 1)
 
 
 def test_saved_memory_shrinks_by_the_packed_bytes():
@@ -91,10 +91,34 @@ def test_saved_memory_shrinks_by_the_packed_bytes():
     packed = _train_step(net, x, pack=True, mark_input=True)
     stats = packed["stats"]
     assert stats.ratio == 32  # float32 values, whole bytes (every size here is a multiple of 8)
-    assert plain["saved"] - packed["saved"] == stats.unpacked_bytes - stats.packed_bytes
+    assert stats.shape_only == 1  # the avg pool's input: its backward needs the shape alone
+    assert plain["saved"] - packed["saved"] == stats.unpacked_bytes - stats.packed_bytes + stats.shape_only_bytes
     # the spikes that convs, pools and the linear read are most of what this net saves: 3.9x less in all (what is
     # left is mostly the max pool's int64 indices and the kernel's bits)
     assert packed["saved"] * 3.5 < plain["saved"]
+
+
+@pytest.mark.parametrize(
+    "pool", [nn.AvgPool2d(2), nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True), nn.AdaptiveAvgPool2d(3)]
+)
+def test_average_pool_keeps_only_the_shape_of_any_input_and_its_gradient_is_exact(pool):
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)  # real values, unmarked: the pool reads only their shape
+    weight = torch.randn(pool(x).shape)
+    (pool(x) * weight).sum().backward()
+    expected, x.grad = x.grad, None
+    with packing.binary_saved_tensors() as stats:
+        y = pool(x)
+    (y * weight).sum().backward()
+    assert stats.shape_only == 1 and stats.shape_only_bytes == x.numel() * 4 and stats.packed == 0
+    assert torch.equal(x.grad, expected)
+
+
+def test_average_pool_of_a_channels_last_input_is_saved_whole():
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with packing.binary_saved_tensors() as stats:
+        y = nn.AvgPool2d(2)(x)
+    y.sum().backward()
+    assert stats.shape_only == 0 and x.grad.stride() == x.stride()
 
 
 def test_unmarked_tensors_pass_through_untouched():

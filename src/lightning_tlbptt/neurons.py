@@ -107,7 +107,10 @@ class RectLIFFunction(torch.autograd.Function):
         windows, fired, h_seq = saved[:steps], saved[steps : 2 * steps], saved[2 * steps :]
         if grad_spike_seq is None:
             grad_spike_seq = torch.zeros((steps, *shape), dtype=torch.float32, device=windows[0].device)
-        grad_x_seq = torch.empty_like(grad_spike_seq, memory_format=torch.contiguous_format)
+        # dL/dx_t overwrites dL/ds_t where nothing else holds that gradient: one chunk-sized buffer instead of two
+        # at the moment that sets the peak of truncated training (a pool's backward feeding this one).
+        own = _exclusive(grad_spike_seq)
+        grad_x_seq = grad_spike_seq if own else torch.empty_like(grad_spike_seq, memory_format=torch.contiguous_format)
         carry = torch.zeros_like(grad_x_seq[0]) if grad_v is None else grad_v.clone()
         numel = carry.numel()
         bits = windows[0].dtype == torch.uint8
@@ -126,7 +129,8 @@ class RectLIFFunction(torch.autograd.Function):
             grad = grad_x_seq[t]  # dL/ds_t first, then dL/dh_t, then dL/dx_t: no buffer of its own
             # dL/ds_t: the output's gradient plus, unless the reset is detached, the reset's dependence on s_t
             if detach_reset:
-                grad.copy_(grad_spike_seq[t])
+                if not own:
+                    grad.copy_(grad_spike_seq[t])
             elif v_reset is None:
                 torch.add(grad_spike_seq[t], carry, alpha=-v_threshold, out=grad)
             else:
@@ -139,6 +143,40 @@ class RectLIFFunction(torch.autograd.Function):
             if decay_input:
                 grad.div_(tau)
         return grad_x_seq, carry, None, None, None, None, None, None, None
+
+
+def _exclusive(grad: Tensor) -> bool:
+    """Whether autograd handed ``grad`` to this backward alone, so that it may be overwritten in place.
+
+    The check autograd's own ``AccumulateGrad`` makes before it steals a gradient: one reference to the tensor and
+    none but its own to the storage. A gradient that is also another branch's (an ``add`` passes one tensor to
+    both inputs), a view of a larger one, kept by a hook or ``retain_grad``, or needed by a double backward is
+    shared, and a fresh buffer is used.
+    """
+    use_count = getattr(grad, "_use_count", None)
+    storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None or storage_use_count is None or grad.requires_grad or grad.dtype != torch.float32:
+        return False
+    if not grad.is_contiguous() or grad.storage_offset() != 0 or use_count() != 1:
+        return False
+    storage = storage_use_count(grad.untyped_storage()._cdata)
+    base = grad._base
+    if base is None:
+        return storage <= _STORAGE_BASE_COUNT
+    # A multi-step layer hands back its gradient as a view ([T * B, ...] -> [T, B, ...]) of a tensor that only
+    # the view holds (one reference from the view, one from the name ``base`` here).
+    return base.numel() == grad.numel() and base._use_count() <= 2 and storage <= _STORAGE_BASE_COUNT + 1
+
+
+def _storage_base_count() -> int:
+    # References to the storage of a tensor that nothing else holds, as this torch counts them (the tensor's
+    # own, and the Python storage object made to ask): the threshold of _exclusive.
+    fresh = torch.empty(1)
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(fresh.untyped_storage()._cdata) if count is not None else 0
+
+
+_STORAGE_BASE_COUNT = _storage_base_count()
 
 
 def supports(node: nn.Module) -> str | None:

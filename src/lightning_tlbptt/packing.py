@@ -1,10 +1,12 @@
 """Binary tensors saved for backward at one bit per value.
 
 Spikes are 0 or 1, but a conv or linear layer that reads them saves its input for backward as it got it, in
-float32: 32 bits for one bit of information (an average pool saves its input too, only for its shape). Within
-:func:`binary_saved_tensors`, every tensor that autograd saves and that is *known* to be binary is packed, eight
-values per byte, and unpacked exactly (same dtype, shape, strides, values) when backward needs it, so gradients are
-bit-identical with and without packing. Everything else passes through as it is.
+float32: 32 bits for one bit of information. Within :func:`binary_saved_tensors`, every tensor that autograd saves
+and that is *known* to be binary is packed, eight values per byte, and unpacked exactly (same dtype, shape, strides,
+values) when backward needs it, so gradients are bit-identical with and without packing. An average pool saves its
+input only for its shape (``avg_pool*_backward`` reads the sizes, never the values): inside an average pool
+(:data:`SHAPE_ONLY`) a contiguous saved input is kept as its shape alone and comes back as a zero-stride tensor of
+that shape, binary or not. Everything else passes through as it is.
 
 How a tensor is known to be binary, without reading it:
 
@@ -63,6 +65,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 __all__ = [
     "BINARY_NEURONS",
     "BINARY_PRESERVING",
+    "SHAPE_ONLY",
     "BinaryPacking",
     "NotBinaryError",
     "PackingStats",
@@ -97,6 +100,17 @@ BINARY_PRESERVING: tuple[type[nn.Module], ...] = (
     nn.Flatten,
     nn.Unflatten,
     nn.Identity,
+)
+
+#: Modules whose backward reads only the shape of the input they save (average pooling): within the context that
+#: input is saved as its shape alone, and backward gets a zero-stride tensor of that shape.
+SHAPE_ONLY: tuple[type[nn.Module], ...] = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
 )
 
 _MAGIC = 0x0102040810204080  # sum of 2**(7 * (k + 1)), k = 0..7: byte i of a word lands on bit 56 + i
@@ -263,12 +277,16 @@ class PackingStats:
         packed: of which packed (a shared packed copy counts once per save).
         unpacked_bytes: bytes the packed tensors take unpacked (their own elements, once per packed copy).
         packed_bytes: bytes their packed copies take.
+        shape_only: of the saved tensors, those kept as their shape alone (inputs of :data:`SHAPE_ONLY` modules).
+        shape_only_bytes: bytes those would have taken.
     """
 
     saved: int = 0
     packed: int = 0
     unpacked_bytes: int = 0
     packed_bytes: int = 0
+    shape_only: int = 0
+    shape_only_bytes: int = 0
 
     @property
     def ratio(self) -> float:
@@ -287,6 +305,15 @@ class _Packed:
         self.numel = tensor.numel()
         self.permuted_shape = [tensor.size(d) for d in order]
         self.inverse = sorted(range(len(order)), key=order.__getitem__)
+
+
+class _ShapeOnly:
+    """A saved tensor whose values its backward never reads: its shape, dtype and device."""
+
+    __slots__ = ("device", "dtype", "shape")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
 
 
 class _Kept:
@@ -328,10 +355,22 @@ class BinaryPacking:
         self._outer: tuple[Any, Any] | None = None
         self._shared: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._pre_handle: Any = None
+        self._shape_only = 0  # depth of SHAPE_ONLY modules whose forward is running
 
-    # marking hook ----------------------------------------------------------------------------------------------
+    # marking hooks ----------------------------------------------------------------------------------------------
+    def _in_scope(self, module: nn.Module) -> bool:
+        return self._scope is None or id(module) in self._scope
+
+    def _forward_pre_hook(self, module: nn.Module, args: Any) -> None:
+        if isinstance(module, SHAPE_ONLY) and self._in_scope(module):
+            self._shape_only += 1
+
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._scope is not None and id(module) not in self._scope:
+        if not self._in_scope(module):
+            return
+        if isinstance(module, SHAPE_ONLY):
+            self._shape_only -= 1
             return
         if type(module) in BINARY_NEURONS:
             function = getattr(module, "surrogate_function", None)
@@ -345,6 +384,11 @@ class BinaryPacking:
     # saved-tensor hooks ----------------------------------------------------------------------------------------
     def _pack(self, tensor: Tensor) -> Any:
         self.stats.saved += 1
+        if self._shape_only and _strided_float(tensor) and tensor.is_contiguous():
+            # an average pool's input: its backward (avg_pool*_backward) reads the input's sizes, never its values
+            self.stats.shape_only += 1
+            self.stats.shape_only_bytes += tensor.numel() * tensor.element_size()
+            return _ShapeOnly(tensor)
         packed = self._packed(tensor)
         if packed is not None:
             return packed
@@ -388,6 +432,8 @@ class BinaryPacking:
         return packed
 
     def _unpack(self, saved: Any) -> Tensor:
+        if isinstance(saved, _ShapeOnly):
+            return torch.zeros((), dtype=saved.dtype, device=saved.device).expand(saved.shape)
         if isinstance(saved, _Packed):
             bits = self._outer[1](saved.stored) if self._outer is not None else saved.stored
             values = unpack_bits(bits, saved.numel, saved.dtype)
@@ -413,6 +459,8 @@ class BinaryPacking:
         self._outer = top(False) if top is not None else None
         self._scope = {id(m) for root in self.modules for m in root.modules()} if self.modules else None
         self._handle = nn.modules.module.register_module_forward_hook(self._forward_hook)
+        self._pre_handle = nn.modules.module.register_module_forward_pre_hook(self._forward_pre_hook)
+        self._shape_only = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self.stats
@@ -424,7 +472,8 @@ class BinaryPacking:
         self._hooks.__exit__(exc_type, exc, tb)
         self._hooks = None
         self._handle.remove()
-        self._handle = self._scope = None
+        self._pre_handle.remove()
+        self._handle = self._pre_handle = self._scope = None
         self._shared = WeakIdKeyDictionary()
 
 
