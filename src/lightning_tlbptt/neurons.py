@@ -72,16 +72,17 @@ class RectLIFFunction(torch.autograd.Function):
         fired: list[Tensor] = []
         h_seq: list[Tensor] = []
         half_width = 0.5 / alpha
-        v = v.clone(memory_format=torch.contiguous_format)
-        h, scratch = torch.empty_like(v), torch.empty_like(v)
+        # h (the charged voltage) is computed in v's own buffer: the old v is not needed once h exists
+        h = v = v.clone(memory_format=torch.contiguous_format)
+        scratch = torch.empty_like(v)
         for t in range(x_seq.shape[0]):
             # Charge as spikingjelly._ops.lif.reference.charge writes it, op for op, for bit-identical voltages
-            # (subtracting a soft reset's 0.0 changes no bits, so it is skipped).
+            # (subtracting a soft reset's 0.0 changes no bits, so it is skipped; v + d and d + v are the same sum).
             relative = torch.sub(v, v_reset, out=scratch) if hard else v
             if decay_input:
-                torch.sub(x_seq[t], relative, out=h).div_(tau).add_(v)
+                h.add_(torch.sub(x_seq[t], relative, out=scratch).div_(tau))
             else:
-                torch.sub(v, torch.div(relative, tau, out=scratch), out=h).add_(x_seq[t])
+                h.sub_(torch.div(relative, tau, out=scratch)).add_(x_seq[t])
             spike = spike_seq[t]
             # heaviside(h - v_threshold) as the surrogate's forward: the sign of an IEEE difference is exact
             torch.ge(h, v_threshold, out=spike)
