@@ -55,7 +55,8 @@ from torch.utils.data import DataLoader
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, packing
-from lightning_tlbptt import models as zoo
+from lightning_tlbptt.memory import training_state_bytes
+from lightning_tlbptt.paper import ARCHITECTURES, build_model
 
 __all__ = [
     "RESULTS",
@@ -149,37 +150,6 @@ QUICK: dict[str, dict[str, Any]] = {
     "resnet18": {"T": 4, "batch": 8, "settings": ((2, 1), (1, 2))},
 }
 
-# Builder options of each network, as the public builders in lightning_tlbptt.models set them.
-_ARCH: dict[str, tuple[str, dict[str, Any]]] = {
-    "lenet2": (
-        zoo.LENET2_ARCH,
-        {
-            "neuron": zoo.PaperNeuron(tau_p=0.3, u_th=0.35),
-            "batch_norm": False,
-            "output_neuron": True,
-            "same_padding_after_first": False,
-        },
-    ),
-    "alexnet": (
-        zoo.ALEXNET_ARCH,
-        {
-            "neuron": zoo.PaperNeuron(tau_p=0.8, u_th=0.4),
-            "batch_norm": False,
-            "output_neuron": True,
-            "same_padding_after_first": True,
-        },
-    ),
-    "resnet18": (
-        zoo.RESNET18_ARCH,
-        {
-            "neuron": zoo.PaperNeuron(tau_p=0.5, u_th=0.65),
-            "batch_norm": True,
-            "output_neuron": False,
-            "same_padding_after_first": True,
-        },
-    ),
-}
-
 
 def workload(name: str, *, quick: bool = False, **overrides: Any) -> Workload:
     """The named workload, shrunk for ``--quick``, with explicit overrides (``None`` values are ignored)."""
@@ -192,21 +162,20 @@ def workload(name: str, *, quick: bool = False, **overrides: Any) -> Workload:
 def build_network(w: Workload, seed: int = 0) -> nn.Sequential:
     """Table 2's network for ``w``, every width divided by ``w.width``, initialised from ``seed``.
 
-    The models module's private ``_build`` is used because its public builders take no width; the options
-    passed are those of the public builders, so ``width=1`` gives exactly ``models.lenet2``/``alexnet``/...
+    Built by :func:`lightning_tlbptt.paper.build_model` with its own layers narrowed (``arch=``), so ``width=1``
+    gives exactly ``build_model(w.network, ...)``: the paper's neuron, padding, batch norm and output layer.
     """
-    arch, options = _ARCH[w.network]
+    arch = ARCHITECTURES[w.network].arch
     scaled = re.sub(r"(\d+)(C|AP|FC|RB)", lambda m: f"{max(1, int(m[1]) // w.width)}{m[2]}", arch)
     torch.manual_seed(seed)
-    return zoo._build(
+    return build_model(
         w.network,
-        scaled,
         in_channels=w.in_channels,
         num_classes=w.num_classes,
         input_size=w.input_size,
         dropout=0.0,
         spiking_pool=True,
-        **options,
+        arch=scaled,
     )
 
 
@@ -457,20 +426,6 @@ def _train_lightning(
     return Run(timer.seconds, list(module.parameters()), trainer.optimizers[0])
 
 
-def state_bytes(params: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
-    """Parameters, one gradient per trainable parameter, and the optimizer's state, in bytes.
-
-    Gradients are counted from the parameters rather than read from ``.grad``: the strategy sets them to
-    ``None`` after every step, the plain loop keeps them, and both hold them at the optimizer step.
-    """
-    weights = sum(p.numel() * p.element_size() for p in params)
-    grads = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    states = sum(
-        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)
-    )
-    return weights + grads + states
-
-
 class TensorMemoryMeter(TorchDispatchMode):
     """Live and peak bytes of every tensor storage that an op allocates while the context is active.
 
@@ -562,7 +517,7 @@ def _measure(method: Method, w: Workload, device: torch.device, n_batches: int) 
     cuda_batches = torch.cuda.max_memory_allocated() if cuda else None
     return Memory(
         saved=max(setup["saved"], saved.peak_bytes),
-        state=state_bytes(run.params, run.optimizer),
+        state=training_state_bytes(run.params, run.optimizer),
         tensors=max(setup["tensors"], tensors.peak_bytes),
         input_batch=batches[0][0].numel() * batches[0][0].element_size(),
         rss_delta=(rss_after - rss_before) * 1024,  # Linux reports kilobytes

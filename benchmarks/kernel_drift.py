@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT
-from lightning_tlbptt.data import DATASETS
+from lightning_tlbptt.paper import DATASETS
 
 
 class _Gradients(L.Callback):

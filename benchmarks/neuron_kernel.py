@@ -21,8 +21,9 @@ import harness as H
 import torch
 from spikingjelly.activation_based import functional
 
-from lightning_tlbptt import PaperNeuron, SavedTensorsMeter
+from lightning_tlbptt import SavedTensorsMeter
 from lightning_tlbptt.neurons import accelerate
+from lightning_tlbptt.paper import PaperNeuron
 
 COLUMNS = (
     ("shape", "input [T, B, C, H, W]", "s"),

@@ -35,8 +35,9 @@ import harness as H
 import torch
 from spikingjelly.activation_based import functional
 
-from lightning_tlbptt import PaperNeuron, SavedTensorsMeter
+from lightning_tlbptt import SavedTensorsMeter
 from lightning_tlbptt.neurons import RectLIFFunction, accelerate
+from lightning_tlbptt.paper import PaperNeuron
 
 NETWORK_COLUMNS = (
     ("label", "method", "s"),

@@ -2,7 +2,7 @@
 
 Paper setting (Table 1): batch 128, T = 10 (direct encoding), tau = 0.8, u_th = 0.3-0.5, SGD (momentum 0.9,
 lr 0.1-0.2), MSE, dropout 0-0.15. (k, n) = (5, 2): k in the recommended 2..10, blocks of more than one layer.
-Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
 middle of the threshold range; --help lists the flags.
 
     python examples/cifar10.py                      # TruncatedLocalBPTT(k=5, n=2), 100 epochs
@@ -16,7 +16,7 @@ template's metric): see docs/sweeps.md.
 
 import sys
 
-from lightning_tlbptt.paper import train_main
+from tlbptt.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("cifar10", k=5, n=2))

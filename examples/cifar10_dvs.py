@@ -2,7 +2,7 @@
 
 Paper setting (Table 1): batch 128, T = 100 frames of 5 ms, tau = 0.8, u_th = 0.3-0.6, SGD (momentum 0.9,
 lr 0.1-0.5), MSE, dropout 0-0.2. (k, n) = (10, 1): the paper's best figure of merit on CIFAR10-DVS.
-Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
 middle of the threshold range; --help lists the flags.
 
     python examples/cifar10_dvs.py                      # TruncatedLocalBPTT(k=10, n=1), 100 epochs
@@ -16,7 +16,7 @@ template's metric): see docs/sweeps.md.
 
 import sys
 
-from lightning_tlbptt.paper import train_main
+from tlbptt.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("cifar10_dvs", k=10, n=1))

@@ -2,7 +2,7 @@
 
 Paper setting (Table 1): batch 1,024, T = 20 (direct encoding), tau = 0.9, u_th = 0.5, SGD (momentum 0.9,
 lr 0.2-0.5), MSE, no dropout. (k, n) = (5, 2): k in the recommended 2..10, blocks of more than one layer.
-Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
 middle of the threshold range; --help lists the flags.
 
     python examples/emnist.py                      # TruncatedLocalBPTT(k=5, n=2), 100 epochs
@@ -16,7 +16,7 @@ template's metric): see docs/sweeps.md.
 
 import sys
 
-from lightning_tlbptt.paper import train_main
+from tlbptt.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("emnist", k=5, n=2))

@@ -3,7 +3,7 @@
 Paper setting (Table 1, EMNIST column; not a paper dataset): T = 20 frames of 15 ms, [B, T, 2, 34, 34],
 tau = 0.9, u_th = 0.5, SGD (momentum 0.9, lr 0.2), MSE, batch 128. (k, n) = (10, 1): the paper's best
 figure of merit on its event-data LeNet task (DvsGesture).
-Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
 middle of the threshold range; --help lists the flags.
 
     python examples/event_mnist.py                      # TruncatedLocalBPTT(k=10, n=1), 100 epochs
@@ -17,7 +17,7 @@ template's metric): see docs/sweeps.md.
 
 import sys
 
-from lightning_tlbptt.paper import train_main
+from tlbptt.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("event_mnist", k=10, n=1))

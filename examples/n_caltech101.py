@@ -2,7 +2,7 @@
 
 Paper setting (Table 1): batch 128, T = 60 frames of 5 ms, tau = 0.5, u_th = 0.5, Adam (lr 1e-4 to 5e-4),
 cross-entropy, dropout 0-0.3. (k, n) = (10, 5): the paper's best interval for VGG11 with 5-layer blocks.
-Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
 middle of the threshold range; --help lists the flags.
 
     python examples/n_caltech101.py                      # TruncatedLocalBPTT(k=10, n=5), 100 epochs
@@ -16,7 +16,7 @@ template's metric): see docs/sweeps.md.
 
 import sys
 
-from lightning_tlbptt.paper import train_main
+from tlbptt.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("n_caltech101", k=10, n=5))

@@ -18,7 +18,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_tlbptt import TruncatedLocalBPTT
-from lightning_tlbptt.data import EventMNISTDataModule
+from lightning_tlbptt.paper.data import EventMNISTDataModule
 
 
 class EventNet(nn.Module):

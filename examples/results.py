@@ -1,9 +1,9 @@
 """Plain BPTT against TruncatedLocalBPTT on the offline real data: the tables of docs/results.md.
 
-For each dataset, the paper's network and setting (``lightning_tlbptt.data.DATASETS``: LeNet-1, T = 20, SGD with
+For each dataset, the paper's network and setting (``lightning_tlbptt.paper.DATASETS``: LeNet-1, T = 20, SGD with
 momentum 0.9 on the MSE of output firing rates, batch 128) is trained from the same initial weights with plain
 BPTT and with ``TruncatedLocalBPTT(k, n)`` at (k, n) in the paper's recommended range (k in 2..10, n = 1 or 2,
-trainable local classifiers), by ``lightning_tlbptt.compare.compare``; it reports validation accuracy, peak
+trainable local classifiers), by ``tlbptt.compare.compare``; it reports validation accuracy, peak
 memory (bytes saved for backward plus parameters, gradients and optimizer state) and wall time. Two epochs by
 default, no learning-rate decay: a budget of minutes on a CPU, not the paper's 100 epochs. Spiking networks
 trained this briefly are sensitive to tiny numerical differences, so every run is repeated over seeds.
@@ -23,9 +23,8 @@ from dataclasses import asdict
 
 import torch
 
-from lightning_tlbptt.compare import RunResult, compare
-from lightning_tlbptt.data import DATASETS
-from lightning_tlbptt.paper import paper_setting
+from lightning_tlbptt.paper import DATASETS, paper_setting
+from tlbptt.compare import RunResult, compare
 
 OFFLINE = ("mnist5k", "event_mnist")
 

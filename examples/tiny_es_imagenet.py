@@ -2,7 +2,7 @@
 
 Paper setting (Table 1, Es-ImageNet column): batch 512, T = 8, tau = 0.5, u_th = 0.5-0.8, Adam (lr 1e-4
 to 1e-3), cross-entropy. (k, n) = (4, 2): the paper's best interval for ResNet18 is 4.
-Defaults: lightning_tlbptt.data.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
 middle of the threshold range; --help lists the flags.
 
     python examples/tiny_es_imagenet.py                      # TruncatedLocalBPTT(k=4, n=2), 100 epochs
@@ -16,7 +16,7 @@ template's metric): see docs/sweeps.md.
 
 import sys
 
-from lightning_tlbptt.paper import train_main
+from tlbptt.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main("tiny_es_imagenet", k=4, n=2))

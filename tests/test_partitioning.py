@@ -1,4 +1,4 @@
-"""Automatic partitioning of real SpikingJelly networks."""
+"""Partitioning by observation (``observe``): layers, blocks and cuts of real SpikingJelly networks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from spikingjelly.activation_based.examples.memopt.models import CIFAR10DVSVGG
 from spikingjelly.activation_based.model import sew_resnet, spiking_resnet, spiking_vgg
 from torch import nn
 
-from lightning_tlbptt import PartitionError, find_network, partition
+from lightning_tlbptt import PartitionError, find_network, observe
+from lightning_tlbptt.partitioning import block_groups
 
 from snn_fixtures import conv_net, lif
 
@@ -20,18 +21,24 @@ def _zoo(factory, **kwargs) -> nn.Module:
     return net
 
 
-def _run_blocks(p, x: torch.Tensor) -> torch.Tensor:
-    for block in p.blocks:
-        x = block.module(x)
-    return x
-
-
 def test_nested_sequential_layers_and_blocks():
-    p = partition(conv_net(), n=1)
+    x = torch.zeros(4, 2, 1, 8, 8)
+    found = observe(conv_net(), 1, (x,))
+    p = found.partition
     assert [layer.names for layer in p.layers] == [("0", "1", "2"), ("3.0", "3.1", "4", "5"), ("6", "7"), ("8", "9")]
     assert [b.names for b in p.blocks] == [("0", "1", "2"), ("3.0", "3.1", "4", "5"), ("6", "7", "8", "9")]
-    assert p.num_classes == 4 and p.input_layout == "TB" and p.step_mode == "m"
-    assert [len(partition(conv_net(), n).blocks) for n in (1, 2, 3, 4, 100)] == [3, 2, 1, 1, 1]
+    assert [b.start.name if b.start else None for b in p.blocks] == [None, "3", "6"]  # the container's call
+    assert p.num_classes == 4 and p.step_mode == "m" and p.entry is not None and p.entry.name == "0"
+    # the probe ran on one step of two samples: what each later block received then
+    assert found.T == 4 and [tuple(h.shape) for h in found.block_inputs] == [(1, 2, 4, 4, 4), (1, 2, 32)]
+    assert [len(observe(conv_net(), n, (x,)).partition.blocks) for n in (1, 2, 3, 4, 100, None)] == [3, 2, 1, 1, 1, 1]
+
+
+def test_block_groups_is_the_one_grouping_rule():
+    assert block_groups(5, 1) == [[0], [1], [2], [3, 4]]
+    assert block_groups(5, 2) == [[0, 1], [2, 3, 4]]
+    assert block_groups(5, None) == block_groups(5, 4) == block_groups(5, 99) == [[0, 1, 2, 3, 4]]
+    assert block_groups(1, None) == block_groups(1, 1) == [[0]]  # only an output layer
 
 
 @pytest.mark.parametrize(
@@ -42,34 +49,32 @@ def test_nested_sequential_layers_and_blocks():
         (lambda: _zoo(spiking_vgg.spiking_vgg11_bn), None),
     ],
 )
-def test_model_zoo_is_cut_between_residual_blocks_and_runs_like_the_network(make, residual):
+def test_model_zoo_is_cut_between_residual_blocks_and_left_as_it_was(make, residual):
     net = make().eval()
-    p = partition(net, n=2)
-    names = [name for block in p.blocks for name in block.names]
-    assert "flatten" in names  # the zoo's torch.flatten glue between avgpool and fc is part of a block
-    if residual:
-        assert residual in names  # a residual block is one indivisible unit
-        assert not any(name.startswith(residual + ".") for name in names)
-    assert len(p.blocks) > 1
     x = torch.rand(2, 1, 3, 32, 32)
-    functional.reset_net(net)
     expected = net(x)
     functional.reset_net(net)
-    torch.testing.assert_close(_run_blocks(p, x), expected)
+    p = observe(net, 2, (x,)).partition
+    names = [name for block in p.blocks for name in block.names]
+    assert len(p.blocks) > 1 and p.num_classes == 10
+    if residual:
+        starts = {b.start.name for b in p.blocks[1:] if b.start}
+        assert not any(start.startswith(residual + ".") for start in starts)  # never cut inside a residual block
+        assert any(name.startswith(residual + ".") for name in names)
+    torch.testing.assert_close(net(x), expected)  # the probe left no state behind
 
 
 def test_network_that_transposes_and_resets_inside_forward():
+    """SpikingJelly's memopt example: its forward transposes [B, T] -> [T, B] and calls reset_net itself."""
     net = CIFAR10DVSVGG(dropout=0.0).eval()
-    p = partition(net, n=2)
-    assert p.input_layout == "BT"  # its forward does input.transpose(0, 1): blocks take [T, B, ...]
     x = torch.rand(2, 3, 2, 48, 48)  # [B, T, C, H, W]
-    expected = net(x)
-    functional.reset_net(net)
-    torch.testing.assert_close(_run_blocks(p, x.transpose(0, 1)), expected)
+    found = observe(net, 2, (x,))
+    assert found.entry_shape == (3, 2, 2, 48, 48) and found.T == 3  # the entry receives [T, B, ...]
+    assert len(found.partition.blocks) > 1
 
 
 class Custom(nn.Module):
-    """A custom module whose forward calls its children in order, with functional glue."""
+    """A custom module whose forward calls its children with functional glue, a Python loop and a skip."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -79,38 +84,27 @@ class Custom(nn.Module):
         self.sn2 = lif()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.sn1(self.conv(x))
-        return self.sn2(self.fc(torch.flatten(x, 2)))
+        y = self.sn1(self.conv(x))
+        return self.sn2(self.fc(torch.flatten(y + x, 2)))
 
 
-def test_custom_module_calling_children_in_order():
-    p = partition(Custom(), n=1)
-    assert [b.names for b in p.blocks] == [("conv", "sn1", "flatten", "fc", "sn2")]
+def test_custom_forward_with_a_skip_and_glue():
+    p = observe(Custom(), 1, (torch.rand(3, 2, 1, 8, 8),)).partition
+    assert [layer.names for layer in p.layers] == [("conv", "sn1"), ("fc", "sn2")]
+    assert [b.names for b in p.blocks] == [("conv", "sn1", "fc", "sn2")]
     assert p.n_hidden == 1 and p.num_classes == 3
 
 
-def test_errors_name_the_problem():
+def test_errors_name_the_problem_and_tied_weights_stay_together():
+    x = torch.zeros(2, 2, 1, 8, 8)
     with pytest.raises(PartitionError, match="n must be a positive int"):
-        partition(conv_net(), 0)
+        observe(conv_net(), 0, (x,))
     with pytest.raises(PartitionError, match="no SpikingJelly neuron"):
-        partition(nn.Sequential(nn.Linear(2, 2)), 1)
+        observe(nn.Sequential(nn.Linear(2, 2)), 1, (torch.zeros(2, 2, 2),))
     with pytest.raises(PartitionError, match="no weighted layer"):
-        partition(nn.Sequential(lif()), 1)
-
-    class TopLevelSkip(Custom):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.sn1(self.conv(x))
-            return self.sn2(self.fc(torch.flatten(y + x, 2)))
-
-    with pytest.raises(PartitionError, match="not a chain of layers at its top level"):
-        partition(TopLevelSkip(), 1)
-
-    class Loops(Custom):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.stack([self.sn2(self.fc(self.sn1(self.conv(x[t])).flatten(1))) for t in range(x.shape[0])])
-
-    with pytest.raises(PartitionError, match=r"could not trace Loops\.forward"):
-        partition(Loops(), 1)
+        observe(nn.Sequential(lif()), 1, (torch.zeros(2, 2, 2),))
+    with pytest.raises(PartitionError, match="not time-major data"):
+        observe(conv_net(), 1, (torch.zeros(8),))
 
     class Tied(nn.Module):
         def __init__(self) -> None:
@@ -122,8 +116,9 @@ def test_errors_name_the_problem():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.sn3(self.out(self.sn2(self.fc(self.sn1(self.fc(x))))))
 
-    with pytest.raises(PartitionError, match="gradient would cross the block boundary"):
-        partition(Tied(), 1)
+    # a parameter used twice is never split between blocks: both calls of fc fall in one layer
+    p = observe(Tied(), 1, (torch.zeros(2, 2, 4),)).partition
+    assert [layer.names for layer in p.layers] == [("fc", "sn1", "fc", "sn2"), ("out", "sn3")]
 
 
 def test_find_network():

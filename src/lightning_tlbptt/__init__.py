@@ -5,9 +5,10 @@
 >>> trainer = Trainer(strategy=TruncatedLocalBPTT(k=5, n=2))  # doctest: +SKIP
 
 Importing the package loads the core only (the strategy and what it needs: torch, Lightning, SpikingJelly,
-torchmetrics). Measurement (``CostMonitor``, ``estimate``, ...) and the paper's reproduction (``PaperClassifier``,
-``build_model``, ...) are exported here too but load on first use; the paper's data and applications need the
-``[paper]`` extra. See docs/layout.md.
+torchmetrics). Measurement (:mod:`lightning_tlbptt.measure`: ``CostMonitor``, ``estimate``, ...) and the paper's
+reproduction (:mod:`lightning_tlbptt.paper`: ``PaperClassifier``, ``build_model``, ...) are exported here too but
+load on first use; the paper's data and the applications (the ``tlbptt`` package) need the ``[paper]`` extra. See
+docs/layout.md.
 """
 
 from __future__ import annotations
@@ -20,22 +21,22 @@ from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.module import SpikingClassifier
-from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe, partition
+from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe
 from lightning_tlbptt.strategy import TruncatedLocalBPTT, strip_local_classifiers
 
 _LAZY = {
-    "CostMonitor": "lightning_tlbptt.callbacks",
-    "MemoryMonitor": "lightning_tlbptt.callbacks",
-    "OpCounterMonitor": "lightning_tlbptt.callbacks",
-    "SpikeDensityMonitor": "lightning_tlbptt.callbacks",
-    "CostEstimate": "lightning_tlbptt.costs",
-    "CostRatios": "lightning_tlbptt.costs",
-    "estimate": "lightning_tlbptt.costs",
-    "figure_of_merit": "lightning_tlbptt.costs",
-    "MODELS": "lightning_tlbptt.models",
-    "PaperNeuron": "lightning_tlbptt.models",
-    "build_model": "lightning_tlbptt.models",
-    "PaperClassifier": "lightning_tlbptt.paper",
+    "CostMonitor": "lightning_tlbptt.measure.callbacks",
+    "MemoryMonitor": "lightning_tlbptt.measure.callbacks",
+    "OpCounterMonitor": "lightning_tlbptt.measure.callbacks",
+    "SpikeDensityMonitor": "lightning_tlbptt.measure.callbacks",
+    "CostEstimate": "lightning_tlbptt.measure.costs",
+    "CostRatios": "lightning_tlbptt.measure.costs",
+    "estimate": "lightning_tlbptt.measure.costs",
+    "figure_of_merit": "lightning_tlbptt.measure.costs",
+    "MODELS": "lightning_tlbptt.paper.models",
+    "build_model": "lightning_tlbptt.paper.models",
+    "PaperNeuron": "lightning_tlbptt.paper.neuron",
+    "PaperClassifier": "lightning_tlbptt.paper.classifier",
 }
 
 
@@ -73,7 +74,6 @@ __all__ = [
     "figure_of_merit",
     "find_network",
     "observe",
-    "partition",
     "rate_cross_entropy",
     "rate_mse",
     "strip_local_classifiers",

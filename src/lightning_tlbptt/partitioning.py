@@ -1,30 +1,28 @@
-"""Cut a SpikingJelly network into gradient-isolated blocks of ``n`` layers.
+"""Cut a SpikingJelly network into gradient-isolated blocks of ``n`` layers, by watching one forward.
 
-The network is traced once with :mod:`torch.fx`, treating SpikingJelly modules (neurons, ``layer.*``)
-as opaque, so the user's ``forward`` is recorded as it is, including functional glue such as
-``torch.flatten(x, 2)`` or a ``[B, T] -> [T, B]`` transpose. Any sub-module whose traced graph is not a
-chain (a residual block, a branch) is made opaque too, so a block boundary can never fall inside it.
-What remains is a chain of units; a *layer* starts at every weighted unit (Conv/Linear, or an opaque
-unit holding one) and keeps whatever follows it (BN, neuron, pooling, dropout, flatten) up to the next
-weighted unit. Following the paper (Sec. 3.4: "n = 4 corresponds to the standard BP" for the
-five-weighted-layer LeNet), the last weighted layer is the network's own output classifier: the
-hidden layers are grouped ``n`` at a time and the output layer closes the last block.
+:func:`observe` runs the network once on what it receives in training while hooks record every module call
+(SpikingJelly modules and checkpointed modules are kept whole), then reads from the autograd graph of the output
+where the network can be cut without a gradient crossing: residual connections and branches are never cut, while
+shape branches, Python loops, transposes and time-mean heads in ``forward`` simply run. A *layer* starts at a cut
+before each weighted module (Conv/Linear) and keeps what follows it (BN, neuron, pooling, dropout, flatten) up to
+the next layer. Following the paper (Sec. 3.4: "n = 4 corresponds to the standard BP" for the five-weighted-layer
+LeNet), the last layer is the network's own output classifier: the hidden layers are grouped ``n`` at a time and
+the output layer closes the last block (:func:`block_groups`); ``n=None`` is one block, standard BPTT.
 
-Each block becomes an :class:`torch.fx.GraphModule` that shares the network's parameters, so the
-strategy can run block ``i`` over a chunk, back-propagate its local loss and free its graph before
-block ``i + 1`` runs.
+The blocks run inside the network's own forward: the strategy hooks each block's first call, back-propagates the
+block's local loss there and frees its graph before the block runs on. The cost model
+(:func:`lightning_tlbptt.measure.costs.profile`) reads the same observation, so both see the same layers and blocks.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.fx as fx
 from spikingjelly.activation_based import base, functional, neuron
 from torch import Tensor, nn
 
@@ -38,13 +36,9 @@ __all__ = [
     "block_groups",
     "find_network",
     "observe",
-    "partition",
 ]
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
-# Ops that only move the time axis: a network that starts with one of them expects ``[B, T, ...]``
-# and converts it itself (SpikingJelly's memopt example does ``input.transpose(0, 1).contiguous()``).
-_LAYOUT_METHODS = {"transpose", "permute", "contiguous", "float"}
 
 
 class PartitionError(ValueError):
@@ -92,15 +86,12 @@ class Cut:
 class Block:
     """A gradient-isolated group of layers.
 
-    For a partition from :func:`partition`, ``module`` maps the block's input to its output, both
-    time-major (``[T, B, ...]``) in ``step_mode='m'``; in ``step_mode='s'`` it maps one step ``[B, ...]`` to
-    one step. For one from :func:`observe`, ``module`` is ``None`` and the block runs inside the network's
-    own forward, from its ``start`` cut (``None`` for the first block) to the next block's.
+    The block runs inside the network's own forward, from its ``start`` cut (``None`` for the first block) to the
+    next block's.
     """
 
     index: int
     layers: tuple[Layer, ...]
-    module: fx.GraphModule | None
     is_last: bool
     start: Cut | None = None
 
@@ -108,35 +99,23 @@ class Block:
     def names(self) -> tuple[str, ...]:
         return tuple(name for layer in self.layers for name in layer.names)
 
-    @property
-    def out_features(self) -> int:
-        """Channels (conv) or features (linear) of the block's last weighted or normalising module."""
-        for unit in reversed([m for layer in self.layers for m in layer.modules]):
-            for m in reversed(list(unit.modules())):
-                for attr in ("out_channels", "out_features", "num_features"):
-                    if isinstance(getattr(m, attr, None), int):
-                        return getattr(m, attr)
-        raise PartitionError(f"block {self.index} has no weighted layer")  # unreachable: layers start weighted
-
 
 @dataclass
 class Partition:
-    """The result of :func:`partition`.
+    """Layers and blocks of a network, as :func:`observe` found them.
 
     Attributes:
         layers: every layer of the network; ``layers[-1]`` is the output layer.
         blocks: the gradient-isolated blocks, in order.
-        step_mode: ``'m'`` (blocks take ``[T, B, ...]``) or ``'s'`` (blocks take ``[B, ...]``).
-        input_layout: ``'TB'`` when the network expects time-major input, ``'BT'`` when its forward
-            transposes ``[B, T, ...]`` itself (that transpose is not part of ``blocks[0]``).
-        num_classes: output width of the output layer (:func:`observe`: of the network's output).
-        entry: the first module the network calls (:func:`observe` only): where its input is time-major.
+        step_mode: ``'m'`` (the network takes ``[T, B, ...]``) or ``'s'`` (one step ``[B, ...]`` per call).
+        num_classes: width of the network's output (its last axis).
+        neuron_template: a neuron of the network, which local classifiers copy.
+        entry: the first module the network calls: where its input is time-major.
     """
 
     layers: list[Layer]
     blocks: list[Block]
     step_mode: Literal["s", "m"]
-    input_layout: Literal["TB", "BT"]
     num_classes: int
     neuron_template: neuron.BaseNode = field(repr=False)
     entry: Cut | None = None
@@ -145,17 +124,6 @@ class Partition:
     def n_hidden(self) -> int:
         """Number of layers the block size ``n`` counts: all but the output layer."""
         return len(self.layers) - 1
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, opaque: Iterable[nn.Module] = ()) -> None:
-        super().__init__()
-        self.opaque = {id(m) for m in opaque}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return (
-            isinstance(m, base.StepModule) or id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
-        )
 
 
 def find_network(container: nn.Module, name: str | None = None, exclude: Collection[str] = ()) -> tuple[str, nn.Module]:
@@ -191,226 +159,21 @@ def find_network(container: nn.Module, name: str | None = None, exclude: Collect
     )
 
 
-def partition(net: nn.Module, n: int) -> Partition:
-    """Cut ``net`` into blocks of ``n`` hidden layers, the output layer closing the last block.
+def block_groups(n_layers: int, n: int | None) -> list[list[int]]:
+    """Layer indices of each block: hidden layers ``n`` at a time, the output layer closing the last block.
 
-    Args:
-        net: a SpikingJelly network whose forward calls its children in order (``nn.Sequential``, the
-            model zoo's ResNets and VGGs, or a custom module).
-        n: hidden layers per block; ``n >= len(layers) - 1`` gives one block (standard BPTT).
-
-    Raises:
-        PartitionError: when the network has no neuron or no weighted layer, cannot be traced, is not a
-            chain at its top level, or shares a module or parameter between two blocks.
+    ``n=None`` (like any ``n >= n_layers - 1``) is one block: standard BPTT. This is the one rule that groups
+    layers into blocks; the strategy and the cost model both use it.
     """
-    _check_n(n)
-    neurons = _check_spiking(net)
-    step_modes = {m.step_mode for m in neurons}
-    if len(step_modes) > 1:
-        raise PartitionError(
-            f"{type(net).__name__} mixes neuron step modes {sorted(step_modes)}; call "
-            "spikingjelly.activation_based.functional.set_step_mode(net, 'm') first."
-        )
-
-    chain, graph_root = _trace_chain(net)
-    chain, input_layout = _strip_layout_prefix(chain)
-    layers, layer_nodes = _group_layers(chain, graph_root)
-    groups = block_groups(len(layers), n)
-    blocks = []
-    for b, group in enumerate(groups):
-        nodes = [node for i in group for node in layer_nodes[i]]
-        blocks.append(
-            Block(
-                index=b,
-                layers=tuple(layers[i] for i in group),
-                module=_subgraph_module(graph_root, nodes),
-                is_last=b == len(groups) - 1,
-            )
-        )
-    _check_isolated(blocks)
-    out = layers[-1].weighted[-1]
-    num_classes = out.out_features if isinstance(out, nn.Linear) else out.out_channels
-    return Partition(
-        layers=layers,
-        blocks=blocks,
-        step_mode=next(iter(step_modes)),
-        input_layout=input_layout,
-        num_classes=num_classes,
-        neuron_template=neurons[0],
-    )
-
-
-def block_groups(n_layers: int, n: int) -> list[list[int]]:
-    """Layer indices of each block: hidden layers ``n`` at a time, the output layer closing the last block."""
     hidden = n_layers - 1
-    groups = [list(range(i, min(i + n, hidden))) for i in range(0, hidden, n)] or [[]]
+    step = max(hidden, 1) if n is None else n
+    groups = [list(range(i, min(i + step, hidden))) for i in range(0, hidden, step)] or [[]]
     groups[-1].append(hidden)
     return groups
 
 
 def _has_neuron(module: nn.Module) -> bool:
     return any(isinstance(m, neuron.BaseNode) for m in module.modules())
-
-
-def _trace(net: nn.Module, opaque: Sequence[nn.Module]) -> fx.Graph:
-    try:
-        return _Tracer(opaque).trace(net)
-    except Exception as err:  # fx raises many kinds of errors on untraceable Python
-        raise PartitionError(
-            f"could not trace {type(net).__name__}.forward into a sequence of layers ({type(err).__name__}: "
-            f"{err}). TruncatedLocalBPTT runs the network block by block and needs a forward that calls its "
-            "children in order without control flow on tensor values. Move data-dependent code (loops over "
-            "time, shape checks) out of the network's forward, e.g. into your LightningModule."
-        ) from err
-
-
-def _node_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes]
-
-
-def _stack(node: fx.Node) -> list[str]:
-    """Qualified names of the modules the node was recorded in, outermost first, excluding itself."""
-    names = list(node.meta.get("nn_module_stack", {}).keys())
-    if node.op == "call_module" and names and names[-1] == node.target:
-        names = names[:-1]
-    return names
-
-
-def _common_owner(nodes: Sequence[fx.Node]) -> str:
-    """Innermost module that recorded all ``nodes``: the smallest unit that hides the break."""
-    stacks = [_stack(node) for node in nodes if node.op != "output"]
-    owner = ""
-    for names in zip(*stacks, strict=False):
-        if len(set(names)) != 1:
-            break
-        owner = names[0]
-    return owner
-
-
-def _trace_chain(net: nn.Module) -> tuple[list[fx.Node], nn.Module]:
-    """Trace ``net``, making non-chain sub-modules opaque until the top-level graph is a chain."""
-    opaque: list[nn.Module] = []
-    while True:
-        graph = _trace(net, opaque)
-        nodes = [node for node in graph.nodes if node.op not in ("placeholder", "output")]
-        placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise PartitionError(
-                f"{type(net).__name__}.forward takes {len(placeholders)} inputs; TruncatedLocalBPTT feeds the "
-                "network one tensor [T, B, ...] (or [B, T, ...])."
-            )
-        offender = _first_break(placeholders[0], nodes)
-        if offender is None:
-            return nodes, net
-        owner = _common_owner(offender)
-        if not owner:
-            raise PartitionError(
-                f"the forward of {type(net).__name__} is not a chain of layers at its top level: "
-                f"{offender[0].format_node()} takes or feeds several tensors. TruncatedLocalBPTT cannot place "
-                "block boundaries in it. Wrap the branching part (e.g. a residual connection) in its own "
-                "nn.Module so that it is treated as one indivisible layer."
-            )
-        module = net.get_submodule(owner)
-        if any(m is module for m in opaque):  # cannot happen: an opaque module hides its inside
-            raise PartitionError(f"internal error: {owner} is already opaque")
-        opaque.append(module)
-
-
-def _first_break(start: fx.Node, nodes: list[fx.Node]) -> list[fx.Node] | None:
-    """The first place where data stops flowing as one tensor from node to node.
-
-    Returns the nodes that make up the break: the users of a tensor used twice (a skip connection
-    starts there), or a node that takes another input (a parameter read by a functional op).
-    """
-    previous = start
-    for node in nodes:
-        if len(previous.users) != 1:
-            return list(previous.users)
-        if node.op == "get_attr" or _node_inputs(node) != [previous]:
-            return [node]
-        previous = node
-    return None
-
-
-def _strip_layout_prefix(chain: list[fx.Node]) -> tuple[list[fx.Node], Literal["TB", "BT"]]:
-    """Drop leading layout-only ops; report whether they swapped the time and batch axes."""
-    swapped = False
-    i = 0
-    while i < len(chain) and chain[i].op == "call_method" and chain[i].target in _LAYOUT_METHODS:
-        node = chain[i]
-        if node.target == "transpose":
-            dims = {_int(a) for a in node.args[1:3]}
-            if dims != {0, 1}:
-                break
-            swapped = not swapped
-        elif node.target == "permute":
-            perm = [_int(a) for a in (node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:])]
-            if perm[:2] != [1, 0] or perm[2:] != list(range(2, len(perm))):
-                break
-            swapped = not swapped
-        i += 1
-    return chain[i:], ("BT" if swapped else "TB")
-
-
-def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int) else -1
-
-
-def _group_layers(chain: list[fx.Node], root: nn.Module) -> tuple[list[Layer], list[list[fx.Node]]]:
-    def weighted(node: fx.Node) -> bool:
-        if node.op != "call_module":
-            return False
-        return any(isinstance(m, _WEIGHTED) for m in root.get_submodule(node.target).modules())
-
-    starts = [i for i, node in enumerate(chain) if weighted(node)]
-    # glue before the first weighted unit (e.g. an encoder transform) belongs to the first layer
-    bounds = [0, *starts[1:], len(chain)]
-    layers, layer_nodes = [], []
-    for index, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        nodes = chain[lo:hi]
-        layers.append(
-            Layer(
-                index=index,
-                names=tuple(_node_name(node) for node in nodes),
-                modules=tuple(root.get_submodule(node.target) for node in nodes if node.op == "call_module"),
-            )
-        )
-        layer_nodes.append(nodes)
-    return layers, layer_nodes
-
-
-def _node_name(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    target = node.target
-    return getattr(target, "__name__", str(target)) if node.op == "call_function" else f".{target}()"
-
-
-def _subgraph_module(root: nn.Module, nodes: list[fx.Node]) -> fx.GraphModule:
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    env: dict[fx.Node, fx.Node] = {}
-    first_input = _node_inputs(nodes[0])[0]
-    env[first_input] = x
-    for node in nodes:
-        env[node] = graph.node_copy(node, lambda a: env[a])
-    graph.output(env[nodes[-1]])
-    return fx.GraphModule(root, graph, class_name="TLBPTTBlock")
-
-
-def _check_isolated(blocks: list[Block]) -> None:
-    """Refuse a partition where a module or parameter is used by two blocks: its gradient would mix."""
-    owner: dict[int, tuple[int, str]] = {}
-    for block in blocks:
-        for name, module in block.module.named_modules():
-            for p in module.parameters(recurse=False):
-                seen = owner.setdefault(id(p), (block.index, name))
-                if seen[0] != block.index:
-                    raise PartitionError(
-                        f"parameter of {name!r} (block {block.index}) is also used by {seen[1]!r} (block "
-                        f"{seen[0]}): a gradient would cross the block boundary. Give each layer its own "
-                        "parameters, or use a larger n so both fall in one block."
-                    )
 
 
 # --- Partitions observed from one probe forward -----------------------------------------------------------------
@@ -451,7 +214,7 @@ class _Call:
 
 def observe(
     net: nn.Module,
-    n: int,
+    n: int | None,
     args: tuple[Any, ...],
     kwargs: dict[str, Any] | None = None,
     *,
@@ -472,7 +235,7 @@ def observe(
 
     Args:
         net: the spiking network.
-        n: hidden layers per block.
+        n: hidden layers per block; ``None`` for one block (standard BPTT).
         args: positional inputs of one network call; ``kwargs`` its keyword inputs.
         slice_time: the first module the network calls (the *entry*) receives time-major data
             ``[T, B, ...]``: run the probe on its first time step of two samples only, which keeps it cheap.
@@ -553,7 +316,6 @@ def observe(
         Block(
             index=b,
             layers=tuple(layers[i] for i in group),
-            module=None,
             is_last=b == len(groups) - 1,
             start=None if b == 0 else _cut(starts[group[0]]),
         )
@@ -565,7 +327,6 @@ def observe(
         layers=layers,
         blocks=blocks,
         step_mode="m" if "m" in step_modes else "s",
-        input_layout="TB",
         num_classes=output.shape[-1],
         neuron_template=neurons[0],
         entry=_cut(calls[0]),
@@ -574,9 +335,11 @@ def observe(
     return Observation(partition=part, entry_shape=steps[0] if steps else None, block_inputs=inputs)
 
 
-def _check_n(n: int) -> None:
+def _check_n(n: int | None) -> None:
+    if n is None:
+        return
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise PartitionError(f"n must be a positive int (layers per block), got {n!r}")
+        raise PartitionError(f"n must be a positive int (layers per block) or None (one block), got {n!r}")
 
 
 def _check_spiking(net: nn.Module) -> list[neuron.BaseNode]:

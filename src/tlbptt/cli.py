@@ -40,9 +40,10 @@ def demo(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings = [tuple(int(v) for v in s.split(",")) for s in (args.setting or ["4,2", "2,1"])]
 
-    from lightning_tlbptt.compare import compare, format_table
-    from lightning_tlbptt.data import MNIST5kDataModule
-    from lightning_tlbptt.models import PaperNeuron, lenet1
+    from lightning_tlbptt.paper import PaperNeuron
+    from lightning_tlbptt.paper.data import MNIST5kDataModule
+    from lightning_tlbptt.paper.models import lenet1
+    from tlbptt.compare import compare, format_table
 
     results = compare(
         lambda: lenet1(1, 10, (28, 28), neuron=PaperNeuron(tau_p=0.8, u_th=0.5)),
@@ -65,9 +66,8 @@ def demo(argv: list[str]) -> int:
 def _build(
     spec: str, input_shape: tuple[int, ...] | None, num_classes: int | None, device: str
 ) -> tuple[nn.Module, tuple[int, ...]]:
-    """Build a network from a :data:`~lightning_tlbptt.models.MODELS` name or a ``module:factory`` path."""
+    """Build a network from a :data:`~lightning_tlbptt.paper.models.MODELS` name or a ``module:factory`` path."""
     import importlib
-    import inspect
 
     import torch
 
@@ -78,16 +78,14 @@ def _build(
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
     else:
-        from lightning_tlbptt.models import MODELS
+        from lightning_tlbptt.paper import ARCHITECTURES, DATASETS, MODELS
 
         if spec not in MODELS:
             raise ValueError(f"unknown model {spec!r}: use one of {', '.join(sorted(MODELS))} or 'module:factory'")
         factory = MODELS[spec]
-        defaults = inspect.signature(factory).parameters
-        if input_shape is None:
-            size = defaults["input_size"].default
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            input_shape = (defaults["in_channels"].default, *size)
+        if input_shape is None:  # the input of the dataset the paper trains this network on
+            paper = DATASETS[ARCHITECTURES[spec].dataset]
+            input_shape = (paper.in_channels, *paper.input_size)
         else:
             kwargs.update(in_channels=input_shape[0], input_size=tuple(input_shape[1:]))
         if num_classes is not None:
@@ -122,14 +120,16 @@ def costs_main(argv: list[str] | None = None) -> int:
 
     One row per ``(k, n, classifier)``, standard BPTT first: reads, writes, memory access, additions,
     MACs (counts for one batch iteration) and analytic memory (bytes), then each as a ratio to BPTT.
-    The cost model is :mod:`lightning_tlbptt.costs`, imported once the options are parsed.
+    The cost model is :mod:`lightning_tlbptt.measure.costs`, imported once the options are parsed.
     """
     parser = argparse.ArgumentParser(
         prog="tlbptt costs",
         description="Analytic training costs (Guo et al. 2023, Eqs. 9-17) of one batch iteration over a grid of "
         "truncation intervals k and block sizes n, relative to standard BPTT.",
     )
-    parser.add_argument("model", help="a model of lightning_tlbptt.models.MODELS or a 'package.module:factory' path")
+    parser.add_argument(
+        "model", help="a model of lightning_tlbptt.paper.models.MODELS or a 'package.module:factory' path"
+    )
     parser.add_argument("--input-shape", type=_ints, default=None, help="one sample at one step, e.g. 2,128,128")
     parser.add_argument("--num-classes", type=int, default=None, help="output width passed to the model builder")
     parser.add_argument("--T", type=int, required=True, help="time steps per sample")
@@ -147,7 +147,7 @@ def costs_main(argv: list[str] | None = None) -> int:
     if any(c not in ("trainable", "random") for c in kinds):
         parser.error(f"--classifier must be trainable, random or trainable,random, got {args.classifier!r}")
 
-    from lightning_tlbptt.costs import profile
+    from lightning_tlbptt.measure.costs import profile
 
     try:
         net, input_shape = _build(
@@ -191,7 +191,7 @@ def costs_main(argv: list[str] | None = None) -> int:
 
 def _lightning_cli(subcommand: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
-        from lightning_tlbptt.paper import fit_main
+        from tlbptt.lightning_cli import fit_main
 
         return fit_main([subcommand, *argv])
 
@@ -199,19 +199,19 @@ def _lightning_cli(subcommand: str) -> Callable[[list[str]], int]:
 
 
 def _train(argv: list[str]) -> int:
-    from lightning_tlbptt.paper import train_command
+    from tlbptt.train import train_command
 
     return train_command(argv)
 
 
 def _sweep(argv: list[str]) -> int:
-    from lightning_tlbptt.sweeps import sweep_main
+    from tlbptt.sweeps import sweep_main
 
     return sweep_main(argv)
 
 
 def _report(argv: list[str]) -> int:
-    from lightning_tlbptt.sweeps import report_main
+    from tlbptt.report import report_main
 
     return report_main(argv)
 

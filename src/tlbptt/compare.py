@@ -1,0 +1,169 @@
+"""``tlbptt demo``: train the same network with plain BPTT and with TruncatedLocalBPTT, side by side, and measure each.
+
+One fit is one measurement: the peak of activations saved for backward over the whole fit
+(:class:`~lightning_tlbptt.memory.SavedTensorsMeter`) plus the training state
+(:func:`~lightning_tlbptt.memory.training_state_bytes`, the rule the strategy's memory budget and
+:class:`~lightning_tlbptt.measure.MemoryMonitor` use). For per-step metrics in a logger, use the callbacks of
+:mod:`lightning_tlbptt.measure`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_tlbptt.measure import MemoryMonitor
+from lightning_tlbptt.memory import SavedTensorsMeter, training_state_bytes
+from lightning_tlbptt.module import SpikingClassifier
+from lightning_tlbptt.strategy import TruncatedLocalBPTT
+
+__all__ = ["RunResult", "bptt_reference", "compare", "fit_and_measure", "format_table", "quiet_trainer"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One training run.
+
+    Attributes:
+        name: ``"BPTT"`` or ``"TLBPTT(k, n)"``.
+        val_acc: validation accuracy after training, in [0, 1].
+        saved_activation_bytes: peak bytes saved for backward during training (what grows with T).
+        state_bytes: parameters, one gradient per trainable parameter and optimizer state, in bytes, at the end of
+            training (:func:`~lightning_tlbptt.memory.training_state_bytes`).
+        cuda_max_allocated_bytes: ``torch.cuda.max_memory_allocated`` over the run, or ``None`` on CPU.
+        seconds: wall time of ``Trainer.fit`` (training and validation).
+        optimizer_steps: ``trainer.global_step``.
+    """
+
+    name: str
+    val_acc: float
+    saved_activation_bytes: int
+    state_bytes: int
+    cuda_max_allocated_bytes: int | None
+    seconds: float
+    optimizer_steps: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.cuda_max_allocated_bytes or self.saved_activation_bytes + self.state_bytes
+
+
+def quiet_trainer(strategy: str | TruncatedLocalBPTT = "auto", **trainer_kwargs: Any) -> L.Trainer:
+    """A one-device Trainer for measured runs: no logger, checkpoint, progress bar, model summary or sanity check
+    unless ``trainer_kwargs`` (``max_epochs``, ``logger``, ``callbacks``, ...) say otherwise."""
+    settings: dict[str, Any] = dict(
+        accelerator="auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(trainer_kwargs)
+    return L.Trainer(strategy=strategy, devices=1, **settings)
+
+
+def bptt_reference(
+    module: L.LightningModule, datamodule: L.LightningDataModule, *, every_n_steps: int = 10, **trainer_kwargs: Any
+) -> dict[str, float]:
+    """Train ``module`` with standard BPTT: the reference of the figure of merit (Eq. 18).
+
+    Returns its ``val/acc`` and, when :class:`~lightning_tlbptt.measure.MemoryMonitor` sampled a step (one in
+    ``every_n_steps``), its measured peak memory as ``cost/memory/total_bytes``: the same measurement a
+    configuration's :class:`~lightning_tlbptt.measure.CostMonitor` divides by. ``trainer_kwargs`` go to
+    :func:`quiet_trainer`; no logger unless given (under a W&B agent a second wandb run would take the agent's run
+    id).
+    """
+    memory = MemoryMonitor(every_n_steps)
+    trainer = quiet_trainer("auto", callbacks=[memory], **trainer_kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    if "val/acc" not in trainer.callback_metrics:
+        raise ValueError("the BPTT reference logged no val/acc: the figure of merit needs validation")
+    metrics = {"val/acc": float(trainer.callback_metrics["val/acc"])}
+    if memory.peak_bytes is not None:
+        metrics["cost/memory/total_bytes"] = memory.peak_bytes
+    return metrics
+
+
+def fit_and_measure(
+    name: str,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    *,
+    strategy: str | TruncatedLocalBPTT = "auto",
+    **trainer_kwargs: object,
+) -> RunResult:
+    """``Trainer.fit`` on one device, measuring accuracy, peak memory and time (a :class:`RunResult`).
+
+    ``trainer_kwargs`` go to :func:`quiet_trainer` (``max_epochs``, ``logger``, ``limit_train_batches``, ...); the
+    module must log ``val/acc`` (as :class:`SpikingClassifier` does).
+    """
+    trainer = quiet_trainer(strategy, **trainer_kwargs)
+    cuda = trainer.strategy.root_device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with SavedTensorsMeter() as meter:
+        trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    return RunResult(
+        name=name,
+        val_acc=float(trainer.callback_metrics["val/acc"]),
+        saved_activation_bytes=meter.peak_bytes,
+        state_bytes=training_state_bytes(module.parameters(), trainer.optimizers[0]),
+        cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        seconds=seconds,
+        optimizer_steps=trainer.global_step,
+    )
+
+
+def compare(
+    make_net: Callable[[], nn.Module],
+    datamodule: L.LightningDataModule,
+    *,
+    T: int | None,
+    settings: Sequence[tuple[int, int]] = ((2, 1),),
+    classifier: str = "trainable",
+    epochs: int = 1,
+    lr: float = 0.1,
+    loss: str = "mse",
+    accelerator: str = "auto",
+    seed: int = 0,
+) -> list[RunResult]:
+    """Train ``make_net()`` with plain BPTT, then with ``TruncatedLocalBPTT(k, n)`` for each setting.
+
+    Every run starts from the same weights (``seed``) and sees the same data. ``T`` repeats static inputs
+    over time (direct encoding); leave it ``None`` for event data ``[B, T, ...]``.
+    """
+    L.seed_everything(seed, verbose=False)
+    initial = make_net()
+    runs: list[tuple[str, str | TruncatedLocalBPTT]] = [("BPTT", "auto")]
+    runs += [(f"TLBPTT(k={k}, n={n})", TruncatedLocalBPTT(k=k, n=n, classifier=classifier)) for k, n in settings]
+    results = []
+    for name, strategy in runs:
+        L.seed_everything(seed, verbose=False)
+        module = SpikingClassifier(copy.deepcopy(initial), T=T, lr=lr, loss=loss, lr_step_epochs=0)
+        results.append(
+            fit_and_measure(name, module, datamodule, strategy=strategy, accelerator=accelerator, max_epochs=epochs)
+        )
+    return results
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    """A plain-text table with each run's figures and its ratio to the first (BPTT) run."""
+    base = results[0]
+    header = f"{'run':<22}{'val acc':>9}{'peak mem':>12}{'vs BPTT':>9}{'activations':>13}{'time':>9}{'vs BPTT':>9}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.name:<22}{r.val_acc:>9.2%}{r.peak_bytes / 2**20:>9.1f} MiB{r.peak_bytes / base.peak_bytes:>9.2f}"
+            f"{r.saved_activation_bytes / 2**20:>9.1f} MiB{r.seconds:>8.1f}s{r.seconds / base.seconds:>9.2f}"
+        )
+    return "\n".join(lines)
