@@ -97,10 +97,9 @@ def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from lightning_tlbptt.compare import fit_and_measure
-    from lightning_tlbptt.data import DATASETS
-    from lightning_tlbptt.paper import PaperClassifier, paper_setting
+    from lightning_tlbptt.paper import DATASETS, PaperClassifier, paper_setting
     from lightning_tlbptt.strategy import TruncatedLocalBPTT
+    from tlbptt.compare import fit_and_measure
 
     dataset, name, seed, epochs = job["dataset"], job["setting"], job["seed"], job["epochs"]
     spec = DATASETS[dataset]
