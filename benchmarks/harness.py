@@ -228,13 +228,13 @@ def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
         elif kind == "e":
             rows.append(Method("e", *w.settings[0]))
         elif kind in ("b", "bs"):
-            rows.append(Method("b", w.T, 1 << 30, fast_neurons=kind == "b"))
+            rows.append(Method("b", w.T, None, fast_neurons=kind == "b"))  # n=None: one block
         elif kind in ("a", "aL", "d"):
             rows.append(Method(kind))
         elif kind == "ap":
             rows.append(Method("a", pack=True))
         elif kind == "bp":
-            rows.append(Method("b", w.T, 1 << 30, pack=True))
+            rows.append(Method("b", w.T, None, pack=True))
         elif kind == "cp":
             rows.append(Method("c", *w.settings[0], pack=True))
         else:
@@ -405,7 +405,7 @@ def _train_lightning(
     callbacks: list[Callback] = [timer] if at_first_batch is None else [_FirstBatch(at_first_batch), timer]
     strategy: Any = "auto"
     if method.kind != "aL":
-        assert method.k is not None and method.n is not None
+        assert method.k is not None
         strategy = TruncatedLocalBPTT(
             k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons, pack_spikes=method.pack
         )

@@ -233,6 +233,14 @@ def test_k_and_n_must_be_positive_and_k_fit_T(make_trainer):
         make_trainer(strategy=TruncatedLocalBPTT(k=9, n=1)).fit(UserModule(), event_batches(T=8))
 
 
+def test_n_none_is_one_block(make_trainer):
+    """``n=None`` is one block, as any ``n`` of at least the hidden layers: the spelling the cost model uses too."""
+    strategy = TruncatedLocalBPTT(k=2, n=None)
+    make_trainer(strategy=strategy, max_steps=2).fit(SpikingClassifier(conv_net(), lr_step_epochs=0), event_batches())
+    assert strategy.partition is not None and len(strategy.partition.blocks) == 1
+    assert strategy.local_classifiers is not None and len(strategy.local_classifiers) == 0
+
+
 def test_network_that_gets_no_time_axis_is_explained(make_trainer):
     module = SpikingClassifier(conv_net())  # static images but no T: the network gets [C, B, H, W]
     loader = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.arange(8) % 4), batch_size=8)

@@ -102,7 +102,8 @@ class TruncatedLocalBPTT(DDPStrategy):
             shorter. ``"auto"``: the largest ``k <= T`` that fits ``memory_budget`` (:mod:`~lightning_tlbptt.budget`),
             chosen at setup from two chunks measured on the device and then readable as ``strategy.k``.
         memory_budget: bytes (or ``"2GiB"``, ``"512MiB"``) the training may use, with ``k="auto"``.
-        n: hidden layers per block; ``n >= number of hidden layers`` gives one block (no local classifier).
+        n: hidden layers per block; ``None`` (or ``n >= number of hidden layers``) gives one block (no local
+            classifier).
             A layer is a weighted module (Conv/Linear) with what follows it, or a group that cannot be cut
             (a residual block).
         classifier: ``"trainable"`` local classifiers, or ``"random"`` (every parameter frozen, from ``seed``).
@@ -138,7 +139,7 @@ class TruncatedLocalBPTT(DDPStrategy):
     def __init__(
         self,
         k: int | Literal["auto"] = 5,
-        n: int = 2,
+        n: int | None = 2,
         *,
         memory_budget: int | str | None = None,
         classifier: ClassifierKind = "trainable",
@@ -155,10 +156,10 @@ class TruncatedLocalBPTT(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
-            if (name, value) == ("k", "auto"):
+            if (name, value) in (("k", "auto"), ("n", None)):
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                also = " or 'auto'" if name == "k" else ""
+                also = " or 'auto'" if name == "k" else " or None (one block)"
                 raise ValueError(f"{name} must be a positive int{also}, got {value!r}")
         if (k == "auto") != (memory_budget is not None):
             raise ValueError(
