@@ -71,6 +71,18 @@ def test_the_measure_layer_loads_no_paper_or_application_module():
     assert not {"tonic", "mlxtend", "jsonargparse", "wandb", "aedat"} & {m.split(".")[0] for m in added}
 
 
+def test_the_paper_settings_models_and_classifier_load_no_dataset_library():
+    added = set(
+        _loaded_by(
+            "from lightning_tlbptt.paper import PaperClassifier, paper_setting\n"
+            "PaperClassifier(**paper_setting('cifar10'))"
+        )["added"]
+    )
+    assert "lightning_tlbptt.paper.settings" in added
+    assert not {m for m in added if m.startswith("lightning_tlbptt.paper.data")}
+    assert not {"tonic", "mlxtend", "aedat"} & {m.split(".")[0] for m in added}
+
+
 def test_the_paper_layer_loads_no_application_module():
     added = set(_loaded_by("import lightning_tlbptt.paper, lightning_tlbptt.paper.data")["added"])
     assert "lightning_tlbptt.paper.data.neuromorphic" in added

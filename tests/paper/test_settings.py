@@ -40,6 +40,7 @@ def test_datamodule_and_model_agree_with_spec(tmp_path, name: str):
     )
     if isinstance(dm, EventDataModule):
         assert (dm.n_steps, dm.dt_ms) == (spec.n_steps, spec.dt_ms)
+    assert spec.static == (dm.n_steps is None)  # static images leave T to the model
     if spec.model in ("alexnet", "vgg11", "resnet18"):
         return  # built at their paper sizes in tests/paper/test_models.py; too slow to build twice here
     net = spec.make_model()
