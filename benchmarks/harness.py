@@ -37,7 +37,6 @@ import resource
 import statistics
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,13 +48,10 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from spikingjelly.activation_based import functional, memopt, neuron
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, packing
-from lightning_tlbptt.memory import training_state_bytes
+from lightning_tlbptt.memory import TensorMemoryMeter, training_state_bytes
 from lightning_tlbptt.paper import ARCHITECTURES, build_model
 
 __all__ = [
@@ -424,43 +420,6 @@ def _train_lightning(
     )
     trainer.fit(module, train_dataloaders=loader)
     return Run(timer.seconds, list(module.parameters()), trainer.optimizers[0])
-
-
-class TensorMemoryMeter(TorchDispatchMode):
-    """Live and peak bytes of every tensor storage that an op allocates while the context is active.
-
-    The CPU counterpart of ``torch.cuda.max_memory_allocated``: activations, the transients of forward and
-    backward, gradients, optimizer state and parameters created inside the context, each storage counted
-    from its allocation to its release. :class:`SavedTensorsMeter` sees only what autograd saves through
-    its hooks, and saved-tensor hooks do not nest: inside ``torch.utils.checkpoint`` (which memopt uses)
-    only the checkpoint's own hooks run, so that meter misses everything a checkpointed region stores and
-    recomputes, and it never sees the transients that set the peak. An op's output that shares an input's
-    storage (a view, an in-place op) allocates nothing and is not counted.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current_bytes = 0
-        self.peak_bytes = 0
-        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def _release(self, nbytes: int, _: weakref.ref) -> None:
-        self.current_bytes -= nbytes
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, Tensor):
-                continue
-            storage = t.untyped_storage()
-            if id(storage) in inputs or storage in self._storages:
-                continue
-            nbytes = storage.nbytes()
-            self._storages[storage] = weakref.ref(storage, lambda ref, n=nbytes: self._release(n, ref))
-            self.current_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-        return out
 
 
 @dataclass

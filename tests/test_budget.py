@@ -31,10 +31,22 @@ def test_choose_k_reads_the_slope_where_activations_dominate_and_says_which_batc
     assert calls == [1, 2, 4, 8, 16, 20]
     calls.clear()
     k, model = choose_k(measure, T=20, budget=500, margin=0.1)  # 450 allowed: 100 + 40 k <= 450 -> k = 8
-    assert k == 8 and model(8) == pytest.approx(420) and calls == [1, 2, 4, 8, 16]  # 16 is over: stop
-    assert model.per_step == pytest.approx(40)  # from (8, 420) and (16, 740), not from the flat start
-    with pytest.raises(ValueError, match=r"even k=1 needs 300 B.*batch size of about 4 \(now 8\)"):
-        choose_k(measure, T=20, budget=200, margin=0.1, batch_size=8)
+    # after 8 the line through (4, 300) and (8, 420) predicts k = 9 to fit, so 9 is measured, not 16 (740 B, 1.5x
+    # the budget): setup stays near the budget; 9 is over, so the choice stays 8
+    assert k == 8 and model(8) == pytest.approx(420) and calls == [1, 2, 4, 8, 9]
+    assert max(measure(c) for c in list(calls)) <= 500
+    assert model.per_step == pytest.approx(40)  # from (8, 420) and (9, 460), not from the flat start
+
+
+def test_too_small_budget_names_a_batch_size_from_the_part_that_scales_with_it():
+    def measure(k: int) -> int:
+        return 300 + 40 * k  # 100 B of it is training state, which no batch size shrinks
+
+    # 180 B allowed; per sample (340 - 100) / 8 = 30 B: a batch of 2 fits (8 * 80 / 240 = 2.7)
+    with pytest.raises(ValueError, match=r"even k=1 needs 340 B.*batch size of about 2 \(now 8\)"):
+        choose_k(measure, T=20, budget=200, margin=0.1, batch_size=8, state_bytes=100)
+    with pytest.raises(ValueError, match=r"training state alone .* takes 250 B: no batch size fits"):
+        choose_k(measure, T=20, budget=200, margin=0.1, batch_size=8, state_bytes=250)
 
 
 def _fit(budget: str | int, T: int = 16) -> TruncatedLocalBPTT:

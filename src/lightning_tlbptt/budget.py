@@ -3,10 +3,11 @@
 Training memory under truncation is affine in ``k``: the parameters, gradients, optimizer state and input batch do
 not depend on it, and every block keeps the activations of ``k`` steps until its local loss is back-propagated.
 So measured chunks fix the model ``bytes(k) = fixed + per_step * k``: the strategy runs chunks of ``k = 1, 2, 4,
-...`` on the real device at setup (CUDA: ``torch.cuda.max_memory_allocated``; CPU:
-:class:`~lightning_tlbptt.memory.SavedTensorsMeter` plus the training state), and :func:`choose_k` takes the
-largest ``k <= T`` whose predicted bytes fit the budget less a safety margin. When even ``k = 1`` does not fit,
-the activations (which scale with the batch size) tell which batch size would.
+...`` on the real device at setup (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak of every live tensor,
+:class:`~lightning_tlbptt.memory.TensorMemoryMeter`, plus the parameters and optimizer state allocated before),
+growing ``k`` no further than the last two measurements predict to fit, and :func:`choose_k` takes the largest
+``k <= T`` whose predicted bytes fit the budget less a safety margin. When even ``k = 1`` does not fit, the part
+that scales with the batch (activations, not the training state) tells which batch size would, if any.
 """
 
 from __future__ import annotations
@@ -60,15 +61,22 @@ class MemoryModel:
 
 
 def choose_k(
-    measure: Callable[[int], int], T: int, budget: int, *, margin: float = 0.1, batch_size: int | None = None
+    measure: Callable[[int], int],
+    T: int,
+    budget: int,
+    *,
+    margin: float = 0.1,
+    batch_size: int | None = None,
+    state_bytes: int = 0,
 ) -> tuple[int, MemoryModel]:
     """The largest ``k <= T`` whose memory fits ``budget * (1 - margin)``.
 
-    Chunks of ``k = 1, 2, 4, ...`` are measured until one does not fit or ``T`` is reached; the choice
-    interpolates between the last two, which straddle the budget. At small ``k`` the peak can be set by something
-    that does not grow with ``k`` (the output layer's loss, a classifier), so a line through the first points would
-    underestimate larger ``k``: the slope is read where the activations of ``k`` steps dominate. The last
-    measurement can use up to about twice the budget (it doubles a ``k`` that fitted), once, at setup.
+    Chunks of ``k = 1, 2`` are measured, then ``k`` doubles, but never past the ``k`` that the last two
+    measurements predict to fit, so that setup itself stays within the budget as far as the model holds; it stops
+    at ``T``, at the predicted ``k``, or at a chunk that does not fit. At small ``k`` the peak can be set by
+    something that does not grow with ``k`` (the output layer's loss, a classifier), so a line through the first
+    points would misjudge larger ``k``: the slope is read from the last two, where the activations of ``k`` steps
+    dominate.
 
     Args:
         measure: ``k -> peak bytes`` of one training chunk of ``k`` steps on the real device.
@@ -76,14 +84,23 @@ def choose_k(
         budget: bytes allowed.
         margin: fraction of the budget kept free (allocator fragmentation, a longer loss graph).
         batch_size: the batch size measured, to say which one would fit when nothing does.
+        state_bytes: the part of every measurement that does not scale with the batch (parameters, gradients,
+            optimizer state), for that hint.
 
     Raises:
-        ValueError: when even ``k = 1`` does not fit, naming the bytes it needs and a batch size that would fit.
+        ValueError: when even ``k = 1`` does not fit, naming the bytes it needs and a batch size that would fit,
+            or saying that the training state alone does not.
     """
     allowed = budget * (1 - margin)
     points = [(1, measure(1))]
     while points[-1][0] < T and points[-1][1] <= allowed:
         k = min(2 * points[-1][0], T)
+        if len(points) >= 2:
+            predicted = _fitting_k(_line(points[-2:]), allowed)
+            if predicted is not None:
+                k = min(k, predicted)
+        if k <= points[-1][0]:
+            break
         points.append((k, measure(k)))
     if len(points) == 1:
         model = MemoryModel(fixed=0.0, per_step=float(points[0][1]), measured=tuple(points))
@@ -92,19 +109,38 @@ def choose_k(
         model = MemoryModel(fixed=line(0), per_step=line(1) - line(0), measured=tuple(points))
     low = points[0][1]
     if low > allowed:
-        hint = ""
-        if batch_size and low > 0:
-            hint = f" A batch size of about {max(int(batch_size * allowed / low), 1)} (now {batch_size}) might fit;"
         raise ValueError(
             f"memory_budget={format_bytes(budget)} is too small: even k=1 needs {format_bytes(low)} (parameters, "
             f"gradients, optimizer state, input and one step of activations), and {margin:.0%} of the budget is "
-            f"kept free.{hint} a smaller n also helps (each block's graph is freed before the next runs). Or raise "
-            "memory_budget."
+            f"kept free.{_batch_hint(low, allowed, batch_size, state_bytes)} A smaller n also helps (each block's "
+            "graph is freed before the next runs). Or raise memory_budget."
         )
     fitted = max(k for k, used in points if used <= allowed)
     if model.per_step <= 0:
         return (T if fitted == points[-1][0] else fitted), model
     return max(fitted, min(T, math.floor((allowed - model.fixed) / model.per_step))), model
+
+
+def _fitting_k(line: Callable[[float], float], allowed: float) -> int | None:
+    """The largest ``k`` the line predicts to fit; ``None`` when it does not grow with ``k``."""
+    per_step = line(1) - line(0)
+    if per_step <= 0:
+        return None
+    return math.floor((allowed - line(0)) / per_step)
+
+
+def _batch_hint(needed: int, allowed: float, batch_size: int | None, state_bytes: int) -> str:
+    if not batch_size or needed <= state_bytes:
+        return ""
+    if state_bytes >= allowed:
+        return (
+            f" The training state alone (parameters, gradients, optimizer state) takes {format_bytes(state_bytes)}: "
+            "no batch size fits."
+        )
+    fits = int(batch_size * (allowed - state_bytes) / (needed - state_bytes))
+    if fits < 1:
+        return " Not even a batch of 1 fits."
+    return f" A batch size of about {fits} (now {batch_size}) might fit."
 
 
 def _line(points: list[tuple[int, int]]) -> Callable[[float], float]:

@@ -1,15 +1,25 @@
-"""Measure the memory that training keeps for backward, on any device."""
+"""Measure training memory on any device: what autograd saves for backward, and every live tensor.
+
+:class:`SavedTensorsMeter` counts the activations saved for backward (the paper's ``MC(CG)``, what truncation and
+local blocks shrink); :class:`TensorMemoryMeter` counts every tensor an op allocates, transients included, the CPU
+counterpart of ``torch.cuda.max_memory_allocated``; :func:`training_state` counts what does not depend on ``k``.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["SavedTensorsMeter", "TrainingState", "training_state", "training_state_bytes"]
+__all__ = ["SavedTensorsMeter", "TensorMemoryMeter", "TrainingState", "training_state", "training_state_bytes"]
 
 
 class _Saved:
@@ -129,3 +139,40 @@ def training_state(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -
 def training_state_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> int:
     """:func:`training_state`'s total: parameters, gradients and optimizer state, in bytes."""
     return training_state(params, optimizer).total
+
+
+class TensorMemoryMeter(TorchDispatchMode):
+    """Live and peak bytes of every tensor storage that an op allocates while the context is active.
+
+    The CPU counterpart of ``torch.cuda.max_memory_allocated``: activations, the transients of forward and
+    backward, gradients, optimizer state and parameters created inside the context, each storage counted
+    from its allocation to its release. :class:`SavedTensorsMeter` sees only what autograd saves through
+    its hooks, and saved-tensor hooks do not nest: inside ``torch.utils.checkpoint`` (which memopt uses)
+    only the checkpoint's own hooks run, so that meter misses everything a checkpointed region stores and
+    recomputes, and it never sees the transients that set the peak. An op's output that shares an input's
+    storage (a view, an in-place op) allocates nothing and is not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def _release(self, nbytes: int, _: weakref.ref) -> None:
+        self.current_bytes -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            if id(storage) in inputs or storage in self._storages:
+                continue
+            nbytes = storage.nbytes()
+            self._storages[storage] = weakref.ref(storage, lambda ref, n=nbytes: self._release(n, ref))
+            self.current_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        return out

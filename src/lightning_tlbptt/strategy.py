@@ -50,7 +50,7 @@ from lightning_tlbptt import budget, neurons, packing
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.layout import time_chunks
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
-from lightning_tlbptt.memory import SavedTensorsMeter, training_state_bytes
+from lightning_tlbptt.memory import TensorMemoryMeter, training_state, training_state_bytes
 from lightning_tlbptt.partitioning import Cut, Partition, PartitionError, _first_tensor, find_network, observe
 
 __all__ = ["TimeSplit", "TruncatedLocalBPTT", "strip_local_classifiers"]
@@ -179,6 +179,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         self.memory_budget = None if memory_budget is None else budget.parse_bytes(memory_budget)
         self.memory_model: budget.MemoryModel | None = None
         """With ``k='auto'``: the fitted ``bytes(k)`` the choice of ``k`` was made from."""
+        self.memory_used: int | None = None
+        """With ``k='auto'``: the peak bytes of the first batch at the chosen ``k``, once it has run."""
         self.classifier = classifier
         self.loss_fn: LocalLoss = resolve_loss(loss)
         self.network = network
@@ -406,10 +408,9 @@ class TruncatedLocalBPTT(DDPStrategy):
             functional.reset_net(net)
         self._backward_fn = module.manual_backward
         output: STEP_OUTPUT = None
-        meter = self._start_budget_check()
         totals = torch.zeros(len(classifiers), device=self.root_device)  # read once per batch, when logged
         n_chunks = 0
-        with self._holding_states(nets), self._cuts() as target_slot:
+        with self._checking_budget(module), self._holding_states(nets), self._cuts() as target_slot:
             for chunk_index, chunk in enumerate(self._chunks(batch)):
                 if len(classifiers) and (chunk_index == 0 or self._split == "batch"):
                     # the network split hands every chunk the same batch: check and move its target once
@@ -429,8 +430,6 @@ class TruncatedLocalBPTT(DDPStrategy):
         for net in nets:  # free the last chunk's states now rather than when the next batch starts
             functional.reset_net(net)
         self._checked_first_batch = True
-        if meter is not None:
-            self._finish_budget_check(module, meter)
         for i, value in enumerate(totals / max(n_chunks, 1)):
             module.log(f"train/block{i}/loss", value, batch_size=_batch_size(batch), sync_dist=self.world_size > 1)
         return apply_to_collection(output, Tensor, lambda t: t.detach())
@@ -785,6 +784,7 @@ class TruncatedLocalBPTT(DDPStrategy):
             steps,
             self.memory_budget,
             batch_size=_batch_size(batch),
+            state_bytes=training_state_bytes(module.parameters(), self.optimizers[0]),
         )
         if self.world_size > 1:  # every rank must step as often as the others
             agreed = torch.tensor([k], device=self.root_device)
@@ -826,13 +826,15 @@ class TruncatedLocalBPTT(DDPStrategy):
                 if cuda:
                     torch.cuda.synchronize(device)
                     torch.cuda.reset_peak_memory_stats(device)
-                with SavedTensorsMeter() as meter, self._packing(module):
+                with TensorMemoryMeter() as live, self._packing(module):
                     out = _first_tensor(self._net(*args, **kwargs))
                     assert out is not None
                     out.float().sum().backward()  # stands in for the user's loss on the last block
+                # the optimizer's state is not allocated before its first step: counted as it will be
                 if cuda:
                     return torch.cuda.max_memory_allocated(device) + training_state_bytes([], self.optimizers[0])
-                return meter.peak_bytes + training_state_bytes(module.parameters(), self.optimizers[0])
+                state = training_state(module.parameters(), self.optimizers[0])
+                return live.peak_bytes + state.params + state.optimizer_state
         finally:
             with torch.no_grad():
                 for name, b in module.named_buffers():
@@ -842,22 +844,23 @@ class TruncatedLocalBPTT(DDPStrategy):
                 functional.reset_net(net)
             self._spiked.clear()
 
-    def _start_budget_check(self) -> SavedTensorsMeter | None:
+    @contextmanager
+    def _checking_budget(self, module: pl.LightningModule) -> Iterator[None]:
+        """Around the first batch after ``k`` was chosen: its real peak against the budget (CUDA:
+        ``max_memory_allocated``; CPU: every live tensor plus what was allocated before the batch)."""
         if not self._budget_check:
-            return None
-        if self.root_device.type == "cuda":
+            yield
+            return
+        cuda = self.root_device.type == "cuda"
+        if cuda:
             torch.cuda.reset_peak_memory_stats(self.root_device)
-        return SavedTensorsMeter().__enter__()
-
-    def _finish_budget_check(self, module: pl.LightningModule, meter: SavedTensorsMeter) -> None:
-        """The first batch checks the chosen k: its real peak against the budget."""
-        meter.__exit__(None, None, None)
+        before = training_state(module.parameters(), self.optimizers[0])
+        allocated = before.params + (before.optimizer_state if self.optimizers[0].state else 0)
+        with TensorMemoryMeter() as live:
+            yield
         self._budget_check = False
         assert self.memory_budget is not None and self.memory_model is not None and isinstance(self.k, int)
-        if self.root_device.type == "cuda":
-            used = torch.cuda.max_memory_allocated(self.root_device)
-        else:
-            used = meter.peak_bytes + training_state_bytes(module.parameters(), self.optimizers[0])
+        used = torch.cuda.max_memory_allocated(self.root_device) if cuda else live.peak_bytes + allocated
         self.memory_used = used
         if used > self.memory_budget:
             rank_zero_warn(
