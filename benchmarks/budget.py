@@ -207,7 +207,7 @@ def main() -> None:
         )
     peak = "CUDA max_memory_allocated" if device.type == "cuda" else "peak of all live tensors"
     print(f"\n{w.describe()}; TruncatedLocalBPTT(k='auto', n=1); {setup}\n{H.format_table(rows, COLUMNS)}")
-    own = "max_memory_allocated" if device.type == "cuda" else "saved activations + parameters, gradients, optimizer"
+    own = "max_memory_allocated" if device.type == "cuda" else "every live tensor + parameters, optimizer state"
     print(
         f"predicted = the strategy's memory_model(k); first batch = its memory_used ({own}); true peak = {peak} "
         f"over the {args.batches} training batch(es); setup peak = the same during setup, where the strategy measures "
