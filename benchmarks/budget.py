@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import harness as H
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
@@ -83,19 +82,7 @@ def _train(w: H.Workload, budget: int, device: torch.device, n_batches: int) -> 
                 torch.cuda.reset_peak_memory_stats()
 
         module = SpikingClassifier(H.build_network(w), loss=w.loss, optimizer=w.optimizer, lr=w.lr, lr_step_epochs=0)
-        trainer = L.Trainer(
-            strategy=strategy,
-            accelerator=device.type,
-            devices=1,
-            max_epochs=1,
-            limit_val_batches=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            callbacks=[H._FirstBatch(split_peaks)],
-        )
+        trainer = H.one_epoch_trainer(strategy, device, [H._FirstBatch(split_peaks)])
         try:
             trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
         except ValueError as err:
@@ -150,15 +137,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short sequences and small batches")
     parser.add_argument("--budgets", help=f"comma-separated budgets (default: {LOOSE}, then derived from its run)")
     parser.add_argument("--batches", type=int, default=1, help="training batches per row (default 1)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--malloc", choices=H.MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--tag", default="", help="suffix of the CSV name, e.g. for a run of a patched package")
+    H.add_run_options(parser)
     args = parser.parse_args()
 
-    setup = H.configure(args.threads, args.malloc)
-    H.quiet()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    setup, device = H.start(args)
     w = H.workload(args.network, quick=args.quick)
     print(f"{w.describe()}\ndevice {device}, {setup}; TruncatedLocalBPTT(k='auto', n=1), one process per row")
 
@@ -216,10 +198,7 @@ def main() -> None:
     for budget, _, row in results:
         if row.error:
             print(f"budget {budget}: {row.error}")
-    suffix = "".join(f"_{part}" for part in ("quick" if args.quick else "", args.tag) if part)
-    path = H.RESULTS / f"budget_{w.network}{suffix}.csv"
-    H.write_csv(path, rows)
-    print(f"wrote {path}")
+    H.save(f"budget_{w.network}", rows, "quick" if args.quick else "", args.tag)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, packing
 from lightning_tlbptt.memory import TensorMemoryMeter, training_state_bytes
 from lightning_tlbptt.paper import ARCHITECTURES, build_model
+from tlbptt.compare import quiet_trainer
 
 __all__ = [
     "RESULTS",
@@ -62,6 +63,7 @@ __all__ = [
     "Speed",
     "TensorMemoryMeter",
     "Workload",
+    "add_run_options",
     "build_network",
     "configure",
     "format_table",
@@ -69,7 +71,10 @@ __all__ = [
     "measure_memory",
     "measure_speed",
     "methods_for",
+    "one_epoch_trainer",
     "quiet",
+    "save",
+    "start",
     "workload",
     "workload_fields",
     "write_csv",
@@ -405,19 +410,7 @@ def _train_lightning(
         strategy = TruncatedLocalBPTT(
             k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons, pack_spikes=method.pack
         )
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator=device.type,
-        devices=1,
-        max_epochs=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
+    trainer = one_epoch_trainer(strategy, device, callbacks)
     trainer.fit(module, train_dataloaders=loader)
     return Run(timer.seconds, list(module.parameters()), trainer.optimizers[0])
 
@@ -554,6 +547,28 @@ def measure_speed(methods: Sequence[Method], w: Workload, device: torch.device, 
 MALLOC_POLICIES = ("fixed", "glibc", "heap")
 
 
+def one_epoch_trainer(strategy: Any, device: torch.device, callbacks: list[Callback]) -> L.Trainer:
+    """The measured runs' Trainer: one device, one epoch over the given batches, nothing else (no validation, logger,
+    checkpoint, progress bar or summary)."""
+    return quiet_trainer(strategy, accelerator=device.type, max_epochs=1, limit_val_batches=0, callbacks=callbacks)
+
+
+def add_run_options(parser: Any) -> None:
+    """The options every benchmark script shares: threads, allocator policy, device, CSV tag."""
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, see docs)")
+    parser.add_argument("--malloc", choices=MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--tag", default="", help="suffix of the CSV name, e.g. for a run of a patched package")
+
+
+def start(args: Any) -> tuple[str, torch.device]:
+    """Apply ``add_run_options``' threads and allocator policy, silence the libraries; ``(setup line, device)``."""
+    setup = configure(args.threads, args.malloc)
+    quiet()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    return setup, torch.device(auto if args.device == "auto" else args.device)
+
+
 def configure(threads: int, malloc: str = "fixed") -> str:
     """Set the thread count and the allocator for every run of this process; returns a description.
 
@@ -612,6 +627,14 @@ def machine() -> dict[str, Any]:
 def workload_fields(w: Workload) -> dict[str, Any]:
     """The workload as CSV columns."""
     return {k: v for k, v in asdict(w).items() if k != "settings"}
+
+
+def save(stem: str, rows: Sequence[dict[str, Any]], *parts: str) -> Path:
+    """Write ``rows`` to ``results/<stem>[_<part>...].csv`` (empty parts left out, e.g. ``quick``, a tag); say where."""
+    path = RESULTS / f"{stem}{''.join(f'_{part}' for part in parts if part)}.csv"
+    write_csv(path, rows)
+    print(f"wrote {path}")
+    return path
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:

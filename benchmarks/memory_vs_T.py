@@ -14,7 +14,6 @@ import argparse
 from typing import Any
 
 import harness as H
-import torch
 
 COLUMNS = (
     ("T", "T", "d"),
@@ -39,15 +38,10 @@ def main() -> None:
     parser.add_argument("--T", help="comma-separated sequence lengths (default 20,50,100,200)")
     parser.add_argument("--k", type=int, default=10, help="time steps per chunk (default 10)")
     parser.add_argument("--n", type=int, default=1, help="layers per block (default 1)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    parser.add_argument("--malloc", choices=H.MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--tag", default="", help="suffix of the CSV name, e.g. for a run of a patched package")
+    H.add_run_options(parser)
     args = parser.parse_args()
 
-    setup = H.configure(args.threads, args.malloc)
-    H.quiet()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    setup, device = H.start(args)
     steps = [int(t) for t in (args.T or ("20,40,80" if args.quick else "20,50,100,200")).split(",")]
     if min(steps) < args.k:
         parser.error(f"every T must be at least k={args.k}")
@@ -91,10 +85,7 @@ def main() -> None:
         f"(input batch {growth(rows, 'input_batch_mib'):+.0%}, not counted); (a) peak {growth(rows, 'a_peak_mib'):+.0%}"
     )
     print(f"peak = {peak}")
-    suffix = "".join(f"_{part}" for part in ("quick" if args.quick else "", args.tag) if part)
-    path = H.RESULTS / f"memory_vs_T_{base.network}{suffix}.csv"
-    H.write_csv(path, rows)
-    print(f"wrote {path}")
+    H.save(f"memory_vs_T_{base.network}", rows, "quick" if args.quick else "", args.tag)
 
 
 if __name__ == "__main__":

@@ -277,21 +277,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; quick 1)")
     parser.add_argument("--timed-batches", type=int, default=1, help="timed batches per run after a warm-up one")
     parser.add_argument("--repeats", type=int, help="kernel table: interleaved repetitions (default 11; quick 3)")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, see docs)")
-    parser.add_argument("--malloc", choices=H.MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--T", type=int, help="override the workload's time steps")
     parser.add_argument("--batch", type=int, help="override the batch size")
     parser.add_argument("--skip", choices=("networks", "kernel"), help="leave out one of the two tables")
     parser.add_argument("--out", type=Path, default=H.RESULTS, help="folder for the CSVs (default benchmarks/results)")
     parser.add_argument("--check", action="store_true", help="only check exactness on the device (exit 1 if not)")
+    H.add_run_options(parser)
     args = parser.parse_args()
     if not set(args.methods.split(",")) <= {"a", "b", "c"}:
         parser.error("--methods: choose among a, b, c")
 
-    setup = H.configure(args.threads, args.malloc)
-    H.quiet()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    setup, device = H.start(args)
     if args.check:
         raise SystemExit(0 if check(device) else 1)
     suffix = ("_quick" if args.quick else "") + ("" if device.type == "cpu" else f"_{device.type}")

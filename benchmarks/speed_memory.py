@@ -13,7 +13,6 @@ import argparse
 from typing import Any
 
 import harness as H
-import torch
 
 COLUMNS = (
     ("label", "method", "s"),
@@ -35,19 +34,14 @@ def main() -> None:
     parser.add_argument("--methods", default="a,aL,b,bs,c,cs,d,e", help="comma-separated, a first (default: all)")
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds (default 3; quick 1)")
     parser.add_argument("--timed-batches", type=int, default=1, help="timed batches per run after a warm-up one")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, see docs)")
-    parser.add_argument("--malloc", choices=H.MALLOC_POLICIES, default="fixed", help="allocator policy (see docs)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--tag", default="", help="suffix of the CSV name, e.g. for a run of a patched package")
     parser.add_argument("--T", type=int, help="override the workload's time steps")
     parser.add_argument("--batch", type=int, help="override the batch size")
     parser.add_argument("--input-size", type=int, help="override the frame side")
     parser.add_argument("--width", type=int, help="override the width divisor (1 = Table 2's network)")
+    H.add_run_options(parser)
     args = parser.parse_args()
 
-    setup = H.configure(args.threads, args.malloc)
-    H.quiet()
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    setup, device = H.start(args)
     sizes = {"T": args.T, "batch": args.batch, "input_size": args.input_size, "width": args.width}
     w = H.workload(args.network, quick=args.quick, **sizes)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -112,10 +106,7 @@ def main() -> None:
         f"memopt checkpoints: too low for (d), (e)); input batch of {rows[0]['input_batch_mib']:.1f} MiB not counted"
     )
     malloc = "" if args.malloc == "fixed" else args.malloc
-    suffix = "".join(f"_{part}" for part in ("quick" if args.quick else "", malloc, args.tag) if part)
-    path = H.RESULTS / f"speed_memory_{w.network}{suffix}.csv"
-    H.write_csv(path, rows)
-    print(f"wrote {path}")
+    H.save(f"speed_memory_{w.network}", rows, "quick" if args.quick else "", malloc, args.tag)
 
 
 if __name__ == "__main__":
