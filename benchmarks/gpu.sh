@@ -21,7 +21,7 @@ cd "$ROOT" || exit 1
 # numpy, matplotlib, scipy, h5py, torchvision (which a CUDA image with PyTorch has), pinned to the versions tested.
 WHEELS=(spikingjelly==2.0.0 loguru==0.7.3 SciencePlots==2.2.2 tonic==1.7.0 importRosbag==1.0.4 librosa==0.11.0
     mlxtend==0.25.0 jsonargparse==4.53.0 docstring_parser==0.18.0 typeshed_client==2.15.0)
-IMPORTS="import torch, lightning, torchmetrics, spikingjelly.activation_based, lightning_tlbptt, lightning_tlbptt.packing"
+IMPORTS="import torch, lightning, torchmetrics, spikingjelly.activation_based, lightning_tlbptt, lightning_tlbptt.packing, lightning_tlbptt.paper, tlbptt.compare"
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
     mkdir -p .whl
