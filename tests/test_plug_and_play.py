@@ -33,7 +33,7 @@ from spikingjelly.activation_based.model import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tlbptt import TruncatedLocalBPTT
+from lightning_tlbptt import TruncatedLocalBPTT, neurons
 
 MEMOPT_EXAMPLE = Path(spikingjelly.__file__).parent / "activation_based" / "examples" / "memopt"
 
@@ -194,8 +194,11 @@ def _plif(net_cls: type, channels: int = 4) -> nn.Module:
     return net
 
 
-def _resnet(factory: Any, **kwargs: Any) -> nn.Module:
-    net = factory(num_classes=10, spiking_neuron=neuron.IFNode, surrogate_function=surrogate.ATan(), **kwargs)
+def _resnet(
+    factory: Any, spiking_neuron: type = neuron.IFNode, surrogate_function: Any = None, **kwargs: Any
+) -> nn.Module:
+    surrogate_function = surrogate.ATan() if surrogate_function is None else surrogate_function
+    net = factory(num_classes=10, spiking_neuron=spiking_neuron, surrogate_function=surrogate_function, **kwargs)
     functional.set_step_mode(net, "m")
     return net
 
@@ -272,6 +275,21 @@ def _check_zoo_model(name: str, spec: tuple[Any, tuple[int, ...], bool], make_tr
 @pytest.mark.parametrize("name", list(ZOO))
 def test_model_zoo_exact_at_k_equal_T_and_trains_per_block(name: str, make_trainer) -> None:
     _check_zoo_model(name, ZOO[name], make_trainer)
+
+
+def test_kernel_leaves_the_gradient_sew_resnet_shares_with_its_shortcut_alone(make_trainer) -> None:
+    """SEW ResNet's residual ADD hands one gradient to a neuron and to the shortcut. With LIFNode and the Rect surrogate
+    the strategy runs the neuron through its kernel, which overwrites an incoming gradient only when autograd gave it
+    to the kernel alone: at k = T the weights must still equal Lightning's step through SpikingJelly's own LIF."""
+    torch.manual_seed(0)
+    # a low threshold and a wide window, so that gradients reach every layer through the rectangular surrogate
+    net = _resnet(sew_resnet.sew_resnet18, neuron.LIFNode, surrogate.Rect(alpha=0.5), cnf="ADD", v_threshold=0.1)
+    assert any(neurons.supports(m) is None for m in net.modules())  # the kernel applies
+    reference, ours = ZooModule(copy.deepcopy(net), False), ZooModule(copy.deepcopy(net), False)
+    _fit(make_trainer(max_steps=2), reference, _zoo_batches((3, 16, 16), False))
+    _fit(make_trainer(max_steps=2, strategy=TruncatedLocalBPTT(k=2, n=None)), ours, _zoo_batches((3, 16, 16), False))
+    assert _moved({n: p.detach() for n, p in net.named_parameters()}, reference.net)  # the comparison is not at rest
+    _assert_same_weights(ours, reference, atol=1e-5)
 
 
 @pytest.mark.slow
