@@ -119,8 +119,7 @@ def training_state(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -
     will be (Adam's two moments, SGD's momentum buffer), so that a budget checked at setup sees it.
 
     Args:
-        params: the module's parameters; none for the optimizer's state alone (on CUDA, where
-            ``max_memory_allocated`` already holds the parameters and gradients).
+        params: the module's parameters.
         optimizer: the optimizer that steps them.
     """
     params = list(params)

@@ -831,9 +831,9 @@ class TruncatedLocalBPTT(DDPStrategy):
                     assert out is not None
                     out.float().sum().backward()  # stands in for the user's loss on the last block
                 # the optimizer's state is not allocated before its first step: counted as it will be
-                if cuda:
-                    return torch.cuda.max_memory_allocated(device) + training_state_bytes([], self.optimizers[0])
                 state = training_state(module.parameters(), self.optimizers[0])
+                if cuda:
+                    return torch.cuda.max_memory_allocated(device) + state.optimizer_state
                 return live.peak_bytes + state.params + state.optimizer_state
         finally:
             with torch.no_grad():
@@ -950,8 +950,10 @@ class TruncatedLocalBPTT(DDPStrategy):
         if self.silent_steps is None:
             return
         for key, counts in self._silent.items():
+            if key in self._warned_silent:
+                continue
             silent = [i for i, c in enumerate(counts) if c >= self.silent_steps]
-            if not silent or key in self._warned_silent:
+            if not silent:
                 continue
             self._warned_silent.add(key)
             who = key if len(silent) == len(counts) else f"output neuron(s) {silent} of {len(counts)} of {key}"
