@@ -120,7 +120,8 @@ QUICK_FLAG=()
 TAG="$DEVICE"
 run "packing exactness check" 20 "none" -- "$PY" benchmarks/packing.py --check --device "$DEVICE"
 SM=("$PY" benchmarks/speed_memory.py --device "$DEVICE" --rounds 1 --tag "$TAG" "${QUICK_FLAG[@]}")
-run "speed_memory alexnet" 60 "speed_memory_alexnet*_$TAG.csv" -- "${SM[@]}" --network alexnet
+run "speed_memory alexnet" 60 "speed_memory_alexnet*_$TAG.csv" -- "${SM[@]}" --network alexnet \
+    --methods a,aL,b,bw,bs,c,cw,cs,d,e
 run "packing alexnet" 60 "packing_*.csv" -- "$PY" benchmarks/packing.py --device "$DEVICE" --rounds 1 \
     --out "$OUT_DIR" "${QUICK_FLAG[@]}"
 run "speed_memory lenet2" 60 "speed_memory_lenet2*_$TAG.csv" -- "${SM[@]}" --network lenet2 --methods a,b,bs,c

@@ -13,6 +13,7 @@ optimizer and loss, so that the only difference between two rows of a table is t
   gradients);
 * ``e``: ``c`` on the network of ``d``: memopt checkpoints pieces that start at spikes (bit-compressed), and the
   strategy forms its blocks on them, as SpikingJelly's own example applies memopt in ``on_fit_start``;
+* ``bw``, ``cw``: ``b`` and ``c`` with every layer run over the whole chunk at once (``slice_bytes=None``);
 * ``ap``, ``bp``, ``cp``: ``a``, ``b`` and ``c`` (first setting) with binary saved tensors packed to bits
   (:func:`lightning_tlbptt.packing.binary_saved_tensors` around each batch's forward and backward; for ``bp`` and
   ``cp`` through ``TruncatedLocalBPTT(pack_spikes=True)``, per chunk).
@@ -204,6 +205,7 @@ class Method:
     n: int | None = None
     fast_neurons: bool = True
     pack: bool = False
+    whole: bool = False
 
     @property
     def label(self) -> str:
@@ -215,7 +217,7 @@ class Method:
             "d": "(d) BPTT + memopt",
             "e": f"(e) ours k={self.k}, n={self.n} + memopt",
         }
-        return names[self.kind] + (", packed" if self.pack else "")
+        return names[self.kind] + (", packed" if self.pack else "") + (", unsliced" if self.whole else "")
 
 
 def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
@@ -238,8 +240,12 @@ def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
             rows.append(Method("b", w.T, None, pack=True))
         elif kind == "cp":
             rows.append(Method("c", *w.settings[0], pack=True))
+        elif kind == "bw":
+            rows.append(Method("b", w.T, None, whole=True))
+        elif kind == "cw":
+            rows += [Method("c", k, n, whole=True) for k, n in w.settings]
         else:
-            raise ValueError(f"unknown method {kind!r}; choose among a, aL, ap, b, bs, bp, c, cs, cp, d, e")
+            raise ValueError(f"unknown method {kind!r}; choose among a, aL, ap, b, bs, bp, bw, c, cs, cp, cw, d, e")
     return rows
 
 
@@ -408,7 +414,12 @@ def _train_lightning(
     if method.kind != "aL":
         assert method.k is not None
         strategy = TruncatedLocalBPTT(
-            k=method.k, n=method.n, loss=w.loss, fast_neurons=method.fast_neurons, pack_spikes=method.pack
+            k=method.k,
+            n=method.n,
+            loss=w.loss,
+            fast_neurons=method.fast_neurons,
+            pack_spikes=method.pack,
+            slice_bytes=None if method.whole else "4MiB",
         )
     trainer = one_epoch_trainer(strategy, device, callbacks)
     trainer.fit(module, train_dataloaders=loader)

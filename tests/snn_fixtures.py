@@ -42,6 +42,25 @@ def conv_net(seed: int = 0, in_channels: int = 1, num_classes: int = 4) -> nn.Se
     )
 
 
+def wide_net(seed: int = 0, channels: int = 16, dropout: bool = True) -> nn.Sequential:
+    """[T, B, 1, 8, 8] -> [T, B, 4]: spiking pools, so the second conv reads (and saves) spikes; ``channels`` wide
+    enough that one layer's chunk dwarfs everything else."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        layer.Conv2d(1, channels, 3, padding=1, step_mode="m"),
+        lif(),
+        layer.AvgPool2d(2, step_mode="m"),
+        lif(),
+        *([layer.Dropout(0.2, step_mode="m")] if dropout else []),
+        layer.Conv2d(channels, channels, 3, padding=1, step_mode="m"),
+        lif(),
+        layer.AvgPool2d(2, step_mode="m"),
+        layer.Flatten(step_mode="m"),
+        layer.Linear(channels * 4, 4, step_mode="m"),
+        lif(),
+    )
+
+
 def event_batches(
     n: int = 16, T: int = 8, batch_size: int = 8, num_classes: int = 4, seed: int = 0, channels: int = 1
 ) -> DataLoader:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tlbptt import LocalClassifier, SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
 
-from snn_fixtures import GradRecorder, conv_net, event_batches
+from snn_fixtures import GradRecorder, conv_net, event_batches, wide_net
 
 
 def _assert_all_nonzero(grads: dict[str, torch.Tensor]) -> None:
@@ -177,9 +177,12 @@ def _peak_saved_bytes(make_trainer, k: int, n: int, T: int = 16) -> int:
 
 
 def test_truncation_and_local_blocks_shrink_saved_activation_memory(make_trainer):
-    full = _peak_saved_bytes(make_trainer, k=16, n=99)
-    quarter = _peak_saved_bytes(make_trainer, k=4, n=99)
-    quarter_local = _peak_saved_bytes(make_trainer, k=4, n=1)
+    # the first conv saves a chunk of the input batch, a view the meter counts as the batch's whole storage: data
+    # that exists whatever k is, so it is left out of the ratio
+    data = next(iter(event_batches(n=16, T=16, batch_size=16)))[0].nbytes
+    full = _peak_saved_bytes(make_trainer, k=16, n=99) - data
+    quarter = _peak_saved_bytes(make_trainer, k=4, n=99) - data
+    quarter_local = _peak_saved_bytes(make_trainer, k=4, n=1) - data
     assert quarter <= 0.3 * full, (quarter, full)
     assert quarter_local < quarter, (quarter_local, quarter)
 
@@ -219,7 +222,7 @@ def test_single_step_networks_and_precision_plugins(make_trainer, precision):
 def test_packed_spikes_train_bit_identically_and_save_less(make_trainer):
     weights, peaks = [], []
     for pack in (False, True):
-        module = SpikingClassifier(conv_net(), lr=0.1, lr_step_epochs=0)
+        module = SpikingClassifier(wide_net(dropout=False), lr=0.1, lr_step_epochs=0)  # its second conv saves spikes
         with SavedTensorsMeter() as meter:
             make_trainer(strategy=TruncatedLocalBPTT(k=4, n=1, pack_spikes=pack), max_steps=4).fit(
                 module, event_batches(n=16, T=8, batch_size=16)

@@ -316,6 +316,15 @@ class _ShapeOnly:
         self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
 
 
+class _Outer:
+    """A saved tensor an outer saved-tensor hook (a meter, another packing context) keeps: what it returned."""
+
+    __slots__ = ("stored",)
+
+    def __init__(self, stored: Any) -> None:
+        self.stored = stored
+
+
 class _Kept:
     """A saved tensor passed through, with the version it was saved at (autograd's own check is off under hooks)."""
 
@@ -343,10 +352,12 @@ class BinaryPacking:
         validate: check that every marked and every packed float tensor is 0/1 (slow; for debugging a custom
             neuron list).
         pack_bool: also pack ``torch.bool`` saved tensors (binary by dtype).
+        bits: pack binary tensors at all; ``False`` keeps only the shape-only saves of average pools.
     """
 
-    def __init__(self, *modules: nn.Module, validate: bool = False, pack_bool: bool = True) -> None:
+    def __init__(self, *modules: nn.Module, validate: bool = False, pack_bool: bool = True, bits: bool = True) -> None:
         self.modules = modules
+        self.bits = bits
         self.validate = validate
         self.pack_bool = pack_bool
         self.stats = PackingStats()
@@ -372,6 +383,8 @@ class BinaryPacking:
         if isinstance(module, SHAPE_ONLY):
             self._shape_only -= 1
             return
+        if not self.bits:
+            return
         if type(module) in BINARY_NEURONS:
             function = getattr(module, "surrogate_function", None)
             if isinstance(output, Tensor) and getattr(function, "spiking", True):
@@ -389,15 +402,15 @@ class BinaryPacking:
             self.stats.shape_only += 1
             self.stats.shape_only_bytes += tensor.numel() * tensor.element_size()
             return _ShapeOnly(tensor)
-        packed = self._packed(tensor)
+        packed = self._packed(tensor) if self.bits else None
         if packed is not None:
             return packed
         if self._outer is not None:
-            stored = self._outer[0](tensor)  # the outer hook gets what it would have got without this context
-        elif tensor.is_leaf and tensor.requires_grad:
-            stored = tensor  # a parameter
-        else:
-            stored = tensor.detach()  # returning the tensor itself would tie a saved output to its own grad_fn
+            # the outer hook keeps it (and checks it, if it checks: it may have packed it, so the tensor it gives
+            # back is not the one saved and has a version of its own)
+            return _Outer(self._outer[0](tensor))
+        # returning the tensor itself would tie a saved output to its own grad_fn; parameters stay as they are
+        stored = tensor if tensor.is_leaf and tensor.requires_grad else tensor.detach()
         return _Kept(stored, tensor._version)
 
     def _packed(self, tensor: Tensor) -> _Packed | None:
@@ -438,7 +451,10 @@ class BinaryPacking:
             bits = self._outer[1](saved.stored) if self._outer is not None else saved.stored
             values = unpack_bits(bits, saved.numel, saved.dtype)
             return values.view(saved.permuted_shape).permute(saved.inverse)
-        tensor = self._outer[1](saved.stored) if self._outer is not None else saved.stored
+        if isinstance(saved, _Outer):
+            assert self._outer is not None
+            return self._outer[1](saved.stored)
+        tensor = saved.stored
         if tensor._version != saved.version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace operation: "
@@ -477,11 +493,13 @@ class BinaryPacking:
         self._shared = WeakIdKeyDictionary()
 
 
-def binary_saved_tensors(*modules: nn.Module, validate: bool = False, pack_bool: bool = True) -> BinaryPacking:
+def binary_saved_tensors(
+    *modules: nn.Module, validate: bool = False, pack_bool: bool = True, bits: bool = True
+) -> BinaryPacking:
     """Save known-binary tensors at one bit each while the context is active; yields its :class:`PackingStats`.
 
     ``modules``: the network(s) whose spiking neurons (and max pools, flattens) mark their outputs as binary (none:
     all modules). Enter it around a forward and its backward (the strategy: around each chunk); gradients are
     bit-identical to those without it. See :class:`BinaryPacking` for the options.
     """
-    return BinaryPacking(*modules, validate=validate, pack_bool=pack_bool)
+    return BinaryPacking(*modules, validate=validate, pack_bool=pack_bool, bits=bits)

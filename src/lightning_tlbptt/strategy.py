@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_tlbptt import budget, neurons, packing
+from lightning_tlbptt import budget, neurons, packing, slicing
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.layout import time_chunks
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
@@ -129,7 +129,12 @@ class TruncatedLocalBPTT(DDPStrategy):
         pack_spikes: save the spikes that layers keep for backward at one bit each
             (:func:`~lightning_tlbptt.packing.binary_saved_tensors`): the same gradients bit for bit, about 11x less
             saved for backward at k = 10, but a few percent slower on CPU and the peak is set by other tensors, so
-            it is off by default (``benchmarks/packing.py``).
+            it is off by default (``benchmarks/packing.py``). Average pools keep only the shape of their input
+            for backward either way (:data:`~lightning_tlbptt.packing.SHAPE_ONLY`).
+        slice_bytes: run each layer's forward over its chunk in time slices whose widest tensor is about this
+            many bytes (:mod:`~lightning_tlbptt.slicing`), so that a wide layer's conv output and spikes exist one
+            slice at a time; ``None`` runs every layer over the whole chunk at once. Layers with batch
+            normalisation, and modules SpikingJelly does not run step by step, always run whole.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``,
             ``process_group_backend``, ``timeout``, ...).
     """
@@ -153,6 +158,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         fast_neurons: bool = True,
         silent_steps: int | None = 200,
         pack_spikes: bool = False,
+        slice_bytes: int | str | None = "4MiB",
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
@@ -192,6 +198,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         self.fast_neurons = fast_neurons
         self.silent_steps = silent_steps
         self.pack_spikes = pack_spikes
+        self.slice_bytes = None if slice_bytes is None else budget.parse_bytes(slice_bytes)
+        self._runs: list[slicing.Run] = []
         self.partition: Partition | None = None
         self._net: nn.Module | None = None
         self._classifiers: nn.ModuleList | None = None
@@ -567,7 +575,8 @@ class TruncatedLocalBPTT(DDPStrategy):
     # --- hooks in the user's forward ----------------------------------------------------------------------------
 
     def _packing(self, module: nn.Module) -> AbstractContextManager[Any]:
-        return packing.binary_saved_tensors(module) if self.pack_spikes else nullcontext()
+        # average pools' inputs are kept as shapes whether or not spikes are packed to bits
+        return packing.binary_saved_tensors(module, bits=self.pack_spikes)
 
     @contextmanager
     def _holding_states(self, nets: tuple[nn.Module, ...]) -> Iterator[None]:
@@ -618,7 +627,10 @@ class TruncatedLocalBPTT(DDPStrategy):
             if not occurrence(cut):
                 return None
             args, kwargs, h = _take_tensor(args, kwargs)
-            readout = classifiers[index](h.unsqueeze(0) if per_step else h)
+            run = reading.get(index)
+            readout = run.take_readout() if run is not None else None
+            if readout is None:
+                readout = classifiers[index](h.unsqueeze(0) if per_step else h)
             if per_step:
                 self._readouts[index].append(readout)
             else:
@@ -632,20 +644,41 @@ class TruncatedLocalBPTT(DDPStrategy):
         handles: list[RemovableHandle] = [self._net.register_forward_pre_hook(start_of_call)]
         if self._output_spikes:
             handles.append(self._net.register_forward_hook(end_of_call))
-        entry_cut = self.partition.entry
-        if self._split == "network" and entry_cut is not None:
-            handles.append(
-                entry_cut.module.register_forward_pre_hook(_bind(entry, entry_cut), with_kwargs=True, prepend=True)
-            )
+        # a hook on the first module of a run must see the whole chunk, not each slice: the run calls it
+        first_of_run = {id(run.modules[0]): run for run in self._runs}
+        # a run whose output goes straight into the next block reads it out slice by slice (slicing.Run.readout)
+        feeding = {id(run.parent[run.stop]): run for run in self._runs if run.stop < len(run.parent)}
+        reading: dict[int, slicing.Run] = {}
         for block in self.partition.blocks[1:]:
             assert block.start is not None
-            hook = _bind(boundary, block.index - 1, block.start)
-            handles.append(block.start.module.register_forward_pre_hook(hook, with_kwargs=True))
+            run = feeding.get(id(block.start.module))
+            if run is not None and block.start.occurrence == 0 and not per_step:
+                run.readout = classifiers[block.index - 1]
+                reading[block.index - 1] = run
+
+        def install(module: nn.Module, hook: slicing.PreHook, prepend: bool = False) -> None:
+            run = first_of_run.get(id(module))
+            if run is not None:
+                run.before.insert(0, hook) if prepend else run.before.append(hook)
+            else:
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=prepend))
+
+        entry_cut = self.partition.entry
+        if self._split == "network" and entry_cut is not None:
+            install(entry_cut.module, _bind(entry, entry_cut), prepend=True)
+        for block in self.partition.blocks[1:]:
+            assert block.start is not None
+            install(block.start.module, _bind(boundary, block.index - 1, block.start))
         try:
-            yield target
+            with slicing.installed(self._runs):
+                yield target
         finally:
             for handle in handles:
                 handle.remove()
+            for run in self._runs:
+                run.before.clear()
+                run.readout = None
+                run.take_readout()
 
     # --- observing the network ----------------------------------------------------------------------------------
 
@@ -705,6 +738,8 @@ class TruncatedLocalBPTT(DDPStrategy):
         entry_shape = found.entry_shape
         self.partition = found.partition
         self._fingerprint = _fingerprint(net)
+        layers = [layer.modules for layer in found.partition.layers]
+        self._runs = slicing.find_runs(net, layers, self.slice_bytes) if self.slice_bytes else []
         # the output is spikes when the last module the output layer runs is a neuron
         self._output_spikes = isinstance(found.partition.layers[-1].modules[-1], neuron.BaseNode)
         if found.T is not None and isinstance(self.k, int) and self.k > found.T:

@@ -1,0 +1,211 @@
+"""Layers walked in time slices: the same forward, the same gradients, less memory."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional, layer, monitor, neuron
+from torch import nn
+
+from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT, neurons, packing, slicing
+from lightning_tlbptt.memory import TensorMemoryMeter
+from lightning_tlbptt.partitioning import observe
+
+from snn_fixtures import GradRecorder, conv_net, event_batches, lif, wide_net
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    # runs compared for equality must add in the same order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _runs(net: nn.Module, x: torch.Tensor, slice_bytes: int = 1) -> list[slicing.Run]:
+    found = observe(net, None, (x,), {})
+    return slicing.find_runs(net, [layer.modules for layer in found.partition.layers], slice_bytes)
+
+
+def _x(T: int = 6, B: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(T, B, 1, 8, 8, generator=g) < 0.3).float()
+
+
+def test_runs_are_the_step_wise_stretches_of_each_layer_with_a_neuron() -> None:
+    net = wide_net()
+    x = _x()
+    layers = observe(net, None, (x,), {}).partition.layers
+    runs = _runs(net, x)
+    # every module of this network works step by step, so each layer is one run
+    assert [r.modules for r in runs] == [layer.modules for layer in layers]
+    assert [(r.start, r.stop) for r in runs][-1] == (9, 11)
+
+    net = conv_net()  # its second layer nests conv and LIF in a Sequential of their own
+    runs = _runs(net, _x())
+    assert [(type(r.parent[r.start]).__name__, r.stop - r.start) for r in runs][:2] == [("Conv2d", 3), ("Conv2d", 2)]
+
+
+def test_what_does_not_work_step_by_step_ends_a_run() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, step_mode="m"),
+        layer.BatchNorm2d(4, step_mode="m"),  # statistics over all k * B samples
+        lif(),
+        layer.AvgPool2d(2, step_mode="m"),
+        layer.Conv2d(4, 4, 3, padding=1, step_mode="m"),
+        lif(store_v_seq=True),  # would record only the last slice's voltages
+        layer.Flatten(step_mode="m"),
+        layer.Linear(64, 4, step_mode="m"),
+        lif(),
+    )
+    assert [(r.start, r.stop) for r in _runs(net, _x())] == [(2, 4), (7, 9)]
+    assert not slicing.steps_independently(nn.Dropout(0.1))  # a fresh mask per call, unlike SpikingJelly's
+    assert slicing.steps_independently(layer.Dropout(0.1, step_mode="m"))
+
+
+def _forward_backward(net: nn.Module, x: torch.Tensor, runs: list[slicing.Run] | None) -> tuple[Any, ...]:
+    functional.reset_net(net)
+    torch.manual_seed(3)  # the same dropout mask
+    if runs is None:
+        out = net(x)
+    else:
+        with slicing.installed(runs):
+            out = net(x)
+    out.sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["kernel", "spikingjelly-lif"])
+def test_sliced_forward_and_gradients_equal_the_whole_chunks(fast: bool) -> None:
+    whole, sliced = wide_net(), wide_net()
+    if fast:
+        neurons.accelerate(whole), neurons.accelerate(sliced)
+    x = _x()
+    runs = _runs(sliced, x)
+    out_whole, grads_whole = _forward_backward(whole, x, None)
+    out_sliced, grads_sliced = _forward_backward(sliced, x, runs)
+    assert all(run._steps and set(run._steps.values()) == {1} for run in runs)  # one step per slice
+    assert torch.equal(out_sliced, out_whole) and out_whole.sum() > 0
+    for name, g in grads_whole.items():
+        assert g.abs().sum() > 0, f"{name}: no gradient, the comparison proves nothing"
+        torch.testing.assert_close(grads_sliced[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_slices_follow_the_byte_size() -> None:
+    net = wide_net(channels=16)
+    x = _x(T=10, B=4)
+    per_step = 4 * 16 * 8 * 8 * 4  # the widest tensor of the first run: conv output of one step, float32
+    runs = _runs(net, x, slice_bytes=3 * per_step)
+    with slicing.installed(runs):
+        net(x)
+    assert runs[0]._steps[(tuple(x.shape[1:]), x.dtype, x.device)] == 3
+    functional.reset_net(net)
+    runs = _runs(net, x, slice_bytes=10**9)
+    with slicing.installed(runs):
+        net(x)
+    assert set(runs[0]._steps.values()) == {10**9 // per_step}
+
+
+def test_slicing_lowers_the_peak_of_a_wide_layer() -> None:
+    x = _x(T=16, B=16)
+
+    def peak(runs: bool) -> int:
+        net = wide_net(channels=32)
+        neurons.accelerate(net)
+        installed = _runs(net, x) if runs else []
+        functional.reset_net(net)
+        with TensorMemoryMeter() as meter, slicing.installed(installed), packing.binary_saved_tensors(net, bits=False):
+            net(x).sum().backward()
+        return meter.peak_bytes
+
+    whole, sliced = peak(False), peak(True)
+    assert sliced < 0.6 * whole, (sliced, whole)
+
+
+def test_monitors_see_every_slice_and_the_module_is_handed_back_unchanged() -> None:
+    net = wide_net()
+    reference = copy.deepcopy(net)
+    x = _x()
+    runs = _runs(net, x)
+    spikes = monitor.OutputMonitor(net, neuron.LIFNode)
+    with slicing.installed(runs):
+        net(x)
+    assert "forward" not in vars(net)
+    functional.reset_net(reference)
+    expected = monitor.OutputMonitor(reference, neuron.LIFNode)
+    reference(x)
+    # SpikingJelly's monitor records once per call: the slices, in order, are the whole chunk's spikes
+    first = torch.cat(spikes.records[: len(x)])
+    assert torch.equal(first, expected.records[0])
+    spikes.remove_hooks(), expected.remove_hooks()
+
+
+def test_a_layer_that_drops_the_time_axis_is_named() -> None:
+    class TimeSum(layer.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).sum(0)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Flatten(step_mode="m"), layer.Linear(64, 8, step_mode="m"), lif(), TimeSum(8, 4, step_mode="m")
+    )
+    x = _x()
+    run = slicing.Run(net, 1, 4, slice_bytes=1)
+    match = r"Sequential\[1:4\].*time as its first axis.*slice_bytes=None"
+    with pytest.raises(RuntimeError, match=match), slicing.installed([run]):
+        net(x)
+
+
+def test_spikes_made_in_slices_are_packed() -> None:
+    net = wide_net(dropout=False)  # the second conv reads the first run's spikes, concatenated from slices
+    x = _x()
+    runs = _runs(net, x)
+    with packing.binary_saved_tensors(net) as stats, slicing.installed(runs):
+        out = net(x)
+    assert packing.is_marked(out)
+    assert stats.packed == len(x)  # the second conv's input, saved once per slice, packed each time
+
+
+def _fit_grads(make_trainer: Any, k: int, n: int | None, slice_bytes: int | None, **kwargs: Any) -> list[dict]:
+    module = SpikingClassifier(wide_net(), lr=0.1, lr_step_epochs=0)
+    recorder = GradRecorder()
+    strategy = TruncatedLocalBPTT(k=k, n=n, slice_bytes=slice_bytes, **kwargs)
+    torch.manual_seed(5)
+    trainer = make_trainer(strategy=strategy, max_steps=4, callbacks=[recorder])
+    trainer.fit(module, event_batches(n=16, T=8, batch_size=4))
+    assert isinstance(strategy._runs, list) and (strategy._runs != []) == (slice_bytes is not None)
+    return recorder.steps
+
+
+@pytest.mark.parametrize(("k", "n"), [(8, None), (4, 1), (2, 1)])
+def test_strategy_trains_the_same_with_and_without_slices(make_trainer, k: int, n: int | None) -> None:
+    """With n = 1 every run ends a block: its local classifier reads it slice by slice."""
+    whole = _fit_grads(make_trainer, k, n, None)
+    sliced = _fit_grads(make_trainer, k, n, 1)
+    assert len(whole) == len(sliced) >= 4
+    for step, (a, b) in enumerate(zip(whole, sliced, strict=True)):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
+    readouts = [g for name, g in whole[0].items() if name.startswith("local_classifiers")]
+    assert (n is None) == (readouts == []) and all(g.abs().sum() > 0 for g in readouts)
+    assert all(g.abs().sum() > 0 for name, g in whole[0].items() if name.startswith("net.0."))
+
+
+def test_blocks_train_in_slices_at_a_lower_peak(make_trainer) -> None:
+    """The boundary's readout runs per slice: the block's backward never holds a gradient of its whole output."""
+    x_batch = event_batches(n=8, T=16, batch_size=8)
+
+    def peak(slice_bytes: int | None) -> int:
+        module = SpikingClassifier(wide_net(channels=32), lr=0.1, lr_step_epochs=0)
+        trainer = make_trainer(strategy=TruncatedLocalBPTT(k=16, n=1, slice_bytes=slice_bytes), max_steps=1)
+        with TensorMemoryMeter() as meter:
+            trainer.fit(module, x_batch)
+        return meter.peak_bytes
+
+    assert peak(1) < 0.6 * peak(None)
