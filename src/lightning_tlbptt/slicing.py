@@ -110,10 +110,15 @@ class Run:
             return self._read_out(self._walk(x))
         outputs: list[Tensor] = []
         whole: Tensor | None = None  # with a readout: the output, filled slice by slice
+        # One split node hands out the slices: its backward puts their gradients together once, where slicing
+        # with x[begin:end] would make a zero-filled gradient of the whole input per slice. A new shape first runs
+        # one step alone, to measure the run.
+        pieces = list(x.split(steps)) if steps is not None else list(x.split([1, steps_total - 1]))
         begin = 0
-        while begin < steps_total:
-            end = begin + 1 if steps is None else min(steps_total, begin + steps)  # one step measures the run
-            y = self._walk(x[begin:end])
+        while pieces:
+            piece = pieces.pop(0)
+            end = begin + piece.shape[0]
+            y = self._walk(piece)
             if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != end - begin:
                 raise RuntimeError(
                     f"{self.names} returned {_describe(y)} for {end - begin} time step(s): it does not keep time as "
@@ -122,6 +127,7 @@ class Run:
                 )
             if steps is None:
                 steps = self._steps[key] = max(1, self.slice_bytes // max(self._widest, 1))
+                pieces = list(pieces[0].split(steps))
             if self.readout is None:
                 outputs.append(y)
             else:
@@ -133,6 +139,7 @@ class Run:
                     packing.mark(part, f"{self.names} (time slices of spikes)")
                 self._read.append(self.readout(_SameGradient.apply(y, part)))
                 outputs.append(part)
+            del y, piece
             begin = end
         if whole is None:
             whole = torch.cat(outputs)
