@@ -13,7 +13,8 @@ optimizer and loss, so that the only difference between two rows of a table is t
   gradients);
 * ``e``: ``c`` on the network of ``d``: memopt checkpoints pieces that start at spikes (bit-compressed), and the
   strategy forms its blocks on them, as SpikingJelly's own example applies memopt in ``on_fit_start``;
-* ``bw``, ``cw``: ``b`` and ``c`` with every layer run over the whole chunk at once (``slice_bytes=None``);
+* ``bw``, ``cw``: ``b`` and ``c`` with every layer run over the whole chunk at once (``slice_bytes=None``; the
+  strategy's rows walk wide layers in time slices of ``Method.slice_bytes``, 4 MiB by default);
 * ``ap``, ``bp``, ``cp``: ``a``, ``b`` and ``c`` (first setting) with binary saved tensors packed to bits
   (:func:`lightning_tlbptt.packing.binary_saved_tensors` around each batch's forward and backward; for ``bp`` and
   ``cp`` through ``TruncatedLocalBPTT(pack_spikes=True)``, per chunk).
@@ -205,7 +206,7 @@ class Method:
     n: int | None = None
     fast_neurons: bool = True
     pack: bool = False
-    whole: bool = False
+    slice_bytes: str | None = "4MiB"
 
     @property
     def label(self) -> str:
@@ -217,7 +218,8 @@ class Method:
             "d": "(d) BPTT + memopt",
             "e": f"(e) ours k={self.k}, n={self.n} + memopt",
         }
-        return names[self.kind] + (", packed" if self.pack else "") + (", unsliced" if self.whole else "")
+        sliced = {"4MiB": "", None: ", unsliced"}.get(self.slice_bytes, f", slices {self.slice_bytes}")
+        return names[self.kind] + (", packed" if self.pack else "") + sliced
 
 
 def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
@@ -241,9 +243,9 @@ def methods_for(w: Workload, kinds: Sequence[str]) -> list[Method]:
         elif kind == "cp":
             rows.append(Method("c", *w.settings[0], pack=True))
         elif kind == "bw":
-            rows.append(Method("b", w.T, None, whole=True))
+            rows.append(Method("b", w.T, None, slice_bytes=None))
         elif kind == "cw":
-            rows += [Method("c", k, n, whole=True) for k, n in w.settings]
+            rows += [Method("c", k, n, slice_bytes=None) for k, n in w.settings]
         else:
             raise ValueError(f"unknown method {kind!r}; choose among a, aL, ap, b, bs, bp, bw, c, cs, cp, cw, d, e")
     return rows
@@ -419,7 +421,7 @@ def _train_lightning(
             loss=w.loss,
             fast_neurons=method.fast_neurons,
             pack_spikes=method.pack,
-            slice_bytes=None if method.whole else "4MiB",
+            slice_bytes=method.slice_bytes,
         )
     trainer = one_epoch_trainer(strategy, device, callbacks)
     trainer.fit(module, train_dataloaders=loader)

@@ -112,7 +112,12 @@ class RectLIFFunction(torch.autograd.Function):
         # at the moment that sets the peak of truncated training (a pool's backward feeding this one).
         own = _exclusive(grad_spike_seq)
         grad_x_seq = grad_spike_seq if own else torch.empty_like(grad_spike_seq, memory_format=torch.contiguous_format)
-        carry = torch.zeros_like(grad_x_seq[0]) if grad_v is None else grad_v.clone()
+        # dL/dv carried back through time: in the incoming dL/dv_T itself when it is ours alone (a layer walked in time
+        # slices hands each slice the carry the next slice returned)
+        if grad_v is None:
+            carry = torch.zeros_like(grad_x_seq[0])
+        else:
+            carry = grad_v if _exclusive(grad_v) and grad_v.shape == shape else grad_v.clone()
         numel = carry.numel()
         bits = windows[0].dtype == torch.uint8
         # a mask of one step, unpacked from bits into a buffer padded to whole bytes (or converted from int8)
