@@ -14,7 +14,7 @@ optimizer and loss, so that the only difference between two rows of a table is t
 * ``e``: ``c`` on the network of ``d``: memopt checkpoints pieces that start at spikes (bit-compressed), and the
   strategy forms its blocks on them, as SpikingJelly's own example applies memopt in ``on_fit_start``;
 * ``bw``, ``cw``: ``b`` and ``c`` with every layer run over the whole chunk at once (``slice_bytes=None``; the
-  strategy's rows walk wide layers in time slices of ``Method.slice_bytes``, 4 MiB by default);
+  strategy's rows walk wide layers in time slices of ``Method.slice_bytes``, the strategy's default 2 MiB);
 * ``ap``, ``bp``, ``cp``: ``a``, ``b`` and ``c`` (first setting) with binary saved tensors packed to bits
   (:func:`lightning_tlbptt.packing.binary_saved_tensors` around each batch's forward and backward; for ``bp`` and
   ``cp`` through ``TruncatedLocalBPTT(pack_spikes=True)``, per chunk).
@@ -206,7 +206,7 @@ class Method:
     n: int | None = None
     fast_neurons: bool = True
     pack: bool = False
-    slice_bytes: str | None = "4MiB"
+    slice_bytes: str | None = "2MiB"
 
     @property
     def label(self) -> str:
@@ -218,7 +218,7 @@ class Method:
             "d": "(d) BPTT + memopt",
             "e": f"(e) ours k={self.k}, n={self.n} + memopt",
         }
-        sliced = {"4MiB": "", None: ", unsliced"}.get(self.slice_bytes, f", slices {self.slice_bytes}")
+        sliced = {"2MiB": "", None: ", unsliced"}.get(self.slice_bytes, f", slices {self.slice_bytes}")
         return names[self.kind] + (", packed" if self.pack else "") + sliced
 
 

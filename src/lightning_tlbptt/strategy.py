@@ -158,7 +158,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         fast_neurons: bool = True,
         silent_steps: int | None = 200,
         pack_spikes: bool = False,
-        slice_bytes: int | str | None = "4MiB",
+        slice_bytes: int | str | None = "2MiB",
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
