@@ -185,6 +185,12 @@ def test_a_layer_that_drops_the_time_axis_is_named() -> None:
         net(x)
 
 
+@pytest.mark.parametrize("value", [0, -1, "abc", "0MiB"])
+def test_a_wrong_slice_size_is_named(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"slice_bytes must be"):
+        TruncatedLocalBPTT(k=2, n=1, slice_bytes=value)
+
+
 def test_spikes_made_in_slices_are_packed() -> None:
     net = wide_net(dropout=False)  # the second conv reads the first run's spikes, concatenated from slices
     x = _x()

@@ -23,21 +23,21 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BINARY = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
 
-def parse_bytes(value: int | str) -> int:
-    """``2147483648``, ``"2GiB"``, ``"1.5 GB"``, ``"512MiB"``, ``"800k"`` -> bytes."""
+def parse_bytes(value: int | str, name: str = "memory_budget") -> int:
+    """``2147483648``, ``"2GiB"``, ``"1.5 GB"``, ``"512MiB"``, ``"800k"`` -> bytes; errors name the setting ``name``."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
-            raise ValueError(f"memory_budget must be positive, got {value}")
+            raise ValueError(f"{name} must be positive, got {value}")
         return value
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", str(value).lower())
     if not match:
         raise ValueError(
-            f"memory_budget must be a number of bytes or a string like '2GiB', '512MiB' or '1.5GB', got {value!r}"
+            f"{name} must be a number of bytes or a string like '2GiB', '512MiB' or '1.5GB', got {value!r}"
         )
     number, unit = float(match.group(1)), match.group(2) or ""
     size = int(number * (_BINARY.get(unit) or _UNITS[unit]))
     if size <= 0:
-        raise ValueError(f"memory_budget must be positive, got {value!r}")
+        raise ValueError(f"{name} must be positive, got {value!r}")
     return size
 
 

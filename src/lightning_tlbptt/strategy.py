@@ -198,7 +198,7 @@ class TruncatedLocalBPTT(DDPStrategy):
         self.fast_neurons = fast_neurons
         self.silent_steps = silent_steps
         self.pack_spikes = pack_spikes
-        self.slice_bytes = None if slice_bytes is None else budget.parse_bytes(slice_bytes)
+        self.slice_bytes = None if slice_bytes is None else budget.parse_bytes(slice_bytes, "slice_bytes")
         self._runs: list[slicing.Run] = []
         self.partition: Partition | None = None
         self._net: nn.Module | None = None
