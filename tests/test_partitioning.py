@@ -130,3 +130,28 @@ def test_find_network():
     with pytest.raises(PartitionError, match="ambiguous"):
         find_network(holder)
     assert find_network(holder, "other")[1] is holder.other
+
+
+@pytest.mark.parametrize("module", ["spikingjelly", "torch"])
+def test_a_layer_starts_at_its_weighted_module_after_an_identity_in_evaluation(module: str) -> None:
+    """SpikingJelly's layer.Dropout (and nn.Identity) returns its input itself when observed in eval mode: the
+    next conv still starts a layer, and the neuron before stays in the layer it fires for."""
+    identity = layer.Dropout(0.1, step_mode="m") if module == "spikingjelly" else nn.Identity()
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(1, 4, 3, padding=1, step_mode="m"),
+        neuron.LIFNode(step_mode="m"),
+        identity,
+        layer.Conv2d(4, 4, 3, padding=1, step_mode="m"),
+        neuron.LIFNode(step_mode="m"),
+        layer.Flatten(step_mode="m"),
+        layer.Linear(4 * 8 * 8, 3, step_mode="m"),
+        neuron.LIFNode(step_mode="m"),
+    )
+    found = observe(net, 1, (torch.rand(4, 2, 1, 8, 8),))
+    assert [[type(m).__name__ for m in part.modules] for part in found.partition.layers] == [
+        ["Conv2d", "LIFNode", type(identity).__name__],
+        ["Conv2d", "LIFNode", "Flatten"],
+        ["Linear", "LIFNode"],
+    ]
+

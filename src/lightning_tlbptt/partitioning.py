@@ -431,6 +431,8 @@ def _observed_layers(calls: list[_Call], output: Tensor) -> tuple[list[Layer], l
         h, out = call.input, call.output
         if h is None or h.grad_fn is None or out is None or out.grad_fn is None:
             return False
+        if out is h:  # an identity call (dropout in eval mode): the next call starts with the same tensor
+            return False
         key = (h.grad_fn, h.output_nr)
         if key in taken:  # an enclosing call already starts with this tensor: cut there
             return False
