@@ -154,4 +154,3 @@ def test_a_layer_starts_at_its_weighted_module_after_an_identity_in_evaluation(m
         ["Conv2d", "LIFNode", "Flatten"],
         ["Linear", "LIFNode"],
     ]
-

@@ -116,8 +116,10 @@ class RectLIFFunction(torch.autograd.Function):
         # slices hands each slice the carry the next slice returned)
         if grad_v is None:
             carry = torch.zeros_like(grad_x_seq[0])
+        elif _exclusive(grad_v):
+            carry = grad_v
         else:
-            carry = grad_v if _exclusive(grad_v) and grad_v.shape == shape else grad_v.clone()
+            carry = grad_v.clone()
         numel = carry.numel()
         bits = windows[0].dtype == torch.uint8
         # a mask of one step, unpacked from bits into a buffer padded to whole bytes (or converted from int8)

@@ -85,7 +85,7 @@ class Run:
         self.readout: nn.Module | None = None
         self._read: list[Tensor] = []
         self._steps: dict[tuple[Any, ...], int] = {}  # slice length per per-step input shape, dtype and device
-        self._widest = 0  # bytes per step of the widest tensor of the last walk
+        self._widest = 0  # bytes per step of the widest tensor of the last measuring walk
 
     @property
     def names(self) -> str:
@@ -118,7 +118,7 @@ class Run:
         while pieces:
             piece = pieces.pop(0)
             end = begin + piece.shape[0]
-            y = self._walk(piece)
+            y = self._walk(piece, measure=steps is None)
             if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != end - begin:
                 raise RuntimeError(
                     f"{self.names} returned {_describe(y)} for {end - begin} time step(s): it does not keep time as "
@@ -154,11 +154,12 @@ class Run:
         read, self._read = self._read, []
         return read[0] if len(read) == 1 else torch.cat(read)
 
-    def _walk(self, x: Any) -> Any:
-        self._widest = 0
+    def _walk(self, x: Any, measure: bool = False) -> Any:
+        if measure:
+            self._widest = 0
         for module in self.modules:
             x = module(x)
-            if isinstance(x, Tensor):
+            if measure and isinstance(x, Tensor):
                 self._widest = max(self._widest, x.numel() * x.element_size() // max(x.shape[0], 1))
         return x
 
@@ -238,7 +239,7 @@ def find_runs(net: nn.Module, layers: Sequence[Sequence[nn.Module]], slice_bytes
             if fits and stretch and (place[0] is stretch[-1][0] and place[1] == stretch[-1][1] + 1):
                 stretch.append((*place, module))
                 continue
-            if len(stretch) > 1 and any(_has_neuron(m) for _, _, m in stretch):
+            if len(stretch) > 1 and any(isinstance(m, neuron.BaseNode) for _, _, m in stretch):
                 runs.append(Run(stretch[0][0], stretch[0][1], stretch[-1][1] + 1, slice_bytes))
             stretch = [(*place, module)] if fits else []
     return runs
@@ -246,7 +247,10 @@ def find_runs(net: nn.Module, layers: Sequence[Sequence[nn.Module]], slice_bytes
 
 @contextmanager
 def installed(runs: Sequence[Run]) -> Iterator[None]:
-    """Walk ``runs`` in slices while the context is active (their Sequentials' ``forward`` overridden per instance)."""
+    """Walk ``runs`` in slices while the context is active (their Sequentials' ``forward`` overridden per instance).
+
+    On exit each run forgets its :attr:`Run.before` hooks, its :attr:`Run.readout` and what that read.
+    """
     parents: dict[int, tuple[nn.Sequential, list[Run]]] = {}
     for run in runs:
         parents.setdefault(id(run.parent), (run.parent, []))[1].append(run)
@@ -257,10 +261,10 @@ def installed(runs: Sequence[Run]) -> Iterator[None]:
     finally:
         for parent, _ in parents.values():
             vars(parent).pop("forward", None)
-
-
-def _has_neuron(module: nn.Module) -> bool:
-    return isinstance(module, neuron.BaseNode)
+        for run in runs:  # hooks, readout and readouts belong to one installation
+            run.before.clear()
+            run.readout = None
+            run._read.clear()
 
 
 def _describe(value: Any) -> str:

@@ -675,10 +675,6 @@ class TruncatedLocalBPTT(DDPStrategy):
         finally:
             for handle in handles:
                 handle.remove()
-            for run in self._runs:
-                run.before.clear()
-                run.readout = None
-                run.take_readout()
 
     # --- observing the network ----------------------------------------------------------------------------------
 
