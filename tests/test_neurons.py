@@ -36,8 +36,12 @@ def _run(node: neuron.LIFNode, x: torch.Tensor, w: torch.Tensor) -> tuple[list[t
     return [first, second, node.v.detach()], x.grad
 
 
+@pytest.mark.parametrize("block_steps", [None, 3], ids=["one-block", "blocks-of-3"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config):
+def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config, block_steps, monkeypatch):
+    """Also in blocks of 3 steps: 7 = 3 + 3 + 1, and 63 neurons a step, so a block's bits do not end on a byte."""
+    if block_steps is not None:
+        monkeypatch.setattr(RectLIFFunction, "block_bytes", block_steps * 63 * 4)
     torch.manual_seed(0)
     x = torch.randn(7, 3, 21) * 0.8
     w = torch.randn(7, 3, 21)
@@ -126,6 +130,16 @@ def test_saves_a_32nd_of_what_spikingjelly_saves():
 @pytest.mark.parametrize("config", CONFIGS[::3], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_masks_as_bits_or_bytes_give_the_same_bits(config, monkeypatch):
     """Masks saved as bits (default) or as int8 bytes: same spikes, same gradients bit for bit, 8x less saved."""
+    grads = []
+    for bits in (False, True):  # in blocks of 4 steps (6 = 4 + 2), whose bits do not end on a byte
+        torch.manual_seed(2)
+        monkeypatch.setattr(RectLIFFunction, "bits", bits)
+        monkeypatch.setattr(RectLIFFunction, "block_bytes", 4 * 39 * 4)
+        node = _lif(**config)
+        accelerate(node)
+        grads.append(_run(node, torch.randn(6, 3, 13) * 0.8, torch.randn(6, 3, 13))[1])
+    assert torch.equal(grads[0], grads[1]) and grads[1].abs().sum() > 0
+    monkeypatch.setattr(RectLIFFunction, "block_bytes", 1 << 20)  # one block for the rest
     torch.manual_seed(2)
     x = torch.randn(6, 3, 13) * 0.8  # 39 neurons: the last byte of bits is padded
     w = torch.randn(6, 3, 13)
@@ -144,7 +158,7 @@ def test_masks_as_bits_or_bytes_give_the_same_bits(config, monkeypatch):
     assert torch.equal(grad_bytes, grad_bits) and grad_bits.abs().sum() > 0
     masks = 1 if config["v_reset"] is None else 2  # the window, and for a hard reset the spikes
     floats = 0 if config["v_reset"] is None or config["detach_reset"] else x.numel() * 4  # h, for a hard reset
-    assert saved == [masks * x.numel() + floats, masks * 6 * 5 + floats]  # 39 neurons: 5 bytes of bits per step
+    assert saved == [masks * x.numel() + floats, masks * 30 + floats]  # 6 x 39 = 234 bits in one block: 30 bytes
 
 
 @pytest.mark.parametrize(

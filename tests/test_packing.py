@@ -187,13 +187,19 @@ def test_bool_saved_tensors_are_packed_by_dtype():
     assert torch.equal(a.grad, torch.where(condition, 1.0, -2.0))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool])
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 2048 + 3])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.bool, torch.int8, torch.uint8]
+)
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 2048 + 3, 2048])
 def test_pack_bits_round_trips(dtype, n):
     values = (torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.4).to(dtype)
+    before = values.clone()
     bits = packing.pack_bits(values)
+    assert torch.equal(values, before)  # the input is never packed in place (int8 needs no conversion)
     assert bits.dtype == torch.uint8 and bits.numel() == (n + 7) // 8
     assert torch.equal(packing.unpack_bits(bits, n, dtype), values)
+    strided = torch.stack([values, values], 1)[:, 0]  # not contiguous
+    assert torch.equal(packing.pack_bits(strided), bits)
     out = torch.empty(8 * bits.numel(), dtype=dtype)
     assert torch.equal(packing.unpack_bits(bits, n, dtype, out=out), values)
 

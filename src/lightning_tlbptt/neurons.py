@@ -35,19 +35,26 @@ class RectLIFFunction(torch.autograd.Function):
 
     Computes what ``spikingjelly.activation_based.functional.lif_multi_step`` computes with
     ``surrogate.Rect(alpha)``, in the same floating-point operations (so spikes and voltages match bit for bit).
-    Saves for backward, per step: the surrogate window ``|h - v_threshold| < 0.5 / alpha`` as bits (one per neuron,
-    ``uint8 [ceil(n / 8)]``); with a hard reset also the spikes as bits, and ``h`` as floats when the reset is not
-    detached (its gradient ``(v_reset - h) * sg`` needs the value). Nothing is saved when ``record`` is false (no
-    gradient wanted).
+    Saves for backward, per block of steps: the surrogate window ``|h - v_threshold| < 0.5 / alpha`` as bits (one
+    per neuron-step, ``uint8 [ceil(steps * n / 8)]``); with a hard reset also the spikes as bits, and ``h`` as floats
+    when the reset is not detached (its gradient ``(v_reset - h) * sg`` needs the value). Nothing is saved when
+    ``record`` is false (no gradient wanted).
+
+    The step loops run only what the recurrence needs (the paper's neuron: four elementwise ops a step forward,
+    three backward); masks are made, packed and unpacked once per block. Layers are small in truncated training
+    (a chunk, or a time slice of it), so the number of ops, each a pass over memory plus a fixed dispatch cost,
+    sets this kernel's time.
 
     Attributes:
         bits: ``True`` (default) saves masks as bits; ``False`` as one int8 byte per neuron-step, as before bits
-            (8x the memory; about 10-15 % less time in this layer on one CPU thread: packing and unpacking cost a
-            few elementwise ops per step, ``benchmarks/packing.py``). Read when a forward runs; the gradients are the
-            same bits either way.
+            (8x the memory; packing and unpacking cost a few elementwise ops per block, ``benchmarks/packing.py``).
+            Read when a forward runs; the gradients are the same bits either way.
+        block_bytes: the most bytes of voltage a block of steps holds (default 1 MiB; at least one step). Larger
+            blocks cost fewer ops and more scratch memory.
     """
 
     bits: bool = True
+    block_bytes: int = 1 << 20
 
     @staticmethod
     def forward(
@@ -62,50 +69,61 @@ class RectLIFFunction(torch.autograd.Function):
         detach_reset: bool,
         record: bool,
     ) -> tuple[Tensor, Tensor]:
-        # Masks are computed into float scratch and stored as bits (or int8): comparisons writing bool (or reading it
-        # in masked_fill_/where) run several times slower than float ops on CPU.
-        # What backward needs is kept per step, not in [T, ...] tensors: small blocks are reused from the heap,
-        # while blocks past glibc's mmap threshold (32 MiB at most) are fresh pages to fault in at every batch.
+        steps = x_seq.shape[0]
         spike_seq = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
         hard = v_reset is not None
+        v = v.clone(memory_format=torch.contiguous_format)
+        # The step loop keeps only what the recurrence needs (charge, fire, reset: four ops a step for the paper's
+        # neuron); the masks backward needs are computed and stored once per block of steps, from the charged
+        # voltages of that block. Blocks are bounded in bytes: the scratch stays small (heap-reused, cache-warm) and
+        # what is saved stays in pieces far below glibc's mmap threshold (fresh pages to fault in at every batch).
+        block = max(1, min(steps, RectLIFFunction.block_bytes // max(1, v.numel() * v.element_size())))
+        h_block = torch.empty((block, *v.shape), dtype=v.dtype, device=v.device)
+        tau_ = torch.tensor(tau, dtype=v.dtype, device=v.device)  # addcdiv divides by a tensor only
         windows: list[Tensor] = []
         fired: list[Tensor] = []
         h_seq: list[Tensor] = []
-        half_width = 0.5 / alpha
-        # h (the charged voltage) is computed in v's own buffer: the old v is not needed once h exists
-        h = v = v.clone(memory_format=torch.contiguous_format)
-        scratch = torch.empty_like(v)
-        for t in range(x_seq.shape[0]):
-            # Charge as spikingjelly._ops.lif.reference.charge writes it, op for op, for bit-identical voltages
-            # (subtracting a soft reset's 0.0 changes no bits, so it is skipped; v + d and d + v are the same sum).
-            relative = torch.sub(v, v_reset, out=scratch) if hard else v
-            if decay_input:
-                h.add_(torch.sub(x_seq[t], relative, out=scratch).div_(tau))
-            else:
-                h.sub_(torch.div(relative, tau, out=scratch)).add_(x_seq[t])
-            spike = spike_seq[t]
-            # heaviside(h - v_threshold) as the surrogate's forward: the sign of an IEEE difference is exact
-            torch.ge(h, v_threshold, out=spike)
-            torch.lt(torch.sub(h, v_threshold, out=scratch).abs_(), half_width, out=scratch)
-            if record:
-                windows.append(pack_bits(scratch) if RectLIFFunction.bits else scratch.to(torch.int8))
-            if not hard:
-                torch.sub(h, spike, alpha=v_threshold, out=v)
+        for start in range(0, steps, block):
+            stop = min(steps, start + block)
+            for t in range(start, stop):
+                h = h_block[t - start]
+                # Charge as spikingjelly._ops.lif.reference.charge computes it, for bit-identical voltages, in fewer
+                # passes: addcdiv(a, b, tau, value=c) is a + (c * b) / tau, and negating (c = -1) is exact, so it is
+                # v - relative / tau (or v + d / tau) to the bit. Subtracting a soft reset's 0.0 changes no bits, so
+                # it is skipped; intermediate terms live in h's own buffer.
+                relative = torch.sub(v, v_reset, out=h) if hard else v
+                if decay_input:
+                    torch.addcdiv(v, torch.sub(x_seq[t], relative, out=h), tau_, out=h)
+                else:
+                    torch.addcdiv(v, relative, tau_, value=-1, out=h).add_(x_seq[t])
+                spike = spike_seq[t]
+                # heaviside(h - v_threshold) as the surrogate's forward: the sign of an IEEE difference is exact
+                torch.ge(h, v_threshold, out=spike)
+                if hard:
+                    torch.add(spike * v_reset, (1.0 - spike) * h, out=v)
+                else:
+                    torch.sub(h, spike, alpha=v_threshold, out=v)
+            if not record:
                 continue
-            if record:
-                fired.append(pack_bits(spike) if RectLIFFunction.bits else spike.to(torch.int8))
-                if not detach_reset:
-                    h_seq.append(h.clone())
-            torch.add(spike * v_reset, (1.0 - spike) * h, out=v)
+            charged = h_block[: stop - start]
+            if hard and not detach_reset:
+                h_seq.append(charged.clone())  # the reset's gradient (v_reset - h) * sg needs the value
+            if hard:
+                fired.append(_save_mask(spike_seq[start:stop]))
+            # Masks are computed in float (comparisons writing bool run several times slower on CPU)
+            torch.lt(charged.sub_(v_threshold).abs_(), 0.5 / alpha, out=charged)
+            windows.append(_save_mask(charged))
         ctx.save_for_backward(*windows, *fired, *h_seq)
-        ctx.config = (x_seq.shape[0], v.shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
+        ctx.config = (steps, block, v.shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
         return spike_seq, v
 
     @staticmethod
     def backward(ctx: Any, grad_spike_seq: Tensor | None, grad_v: Tensor | None) -> tuple[Tensor | None, ...]:
-        steps, shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset = ctx.config
+        steps, block, shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset = ctx.config
         saved = ctx.saved_tensors
-        windows, fired, h_seq = saved[:steps], saved[steps : 2 * steps], saved[2 * steps :]
+        blocks = len(range(0, steps, block))
+        windows, fired, h_seq = saved[:blocks], saved[blocks : 2 * blocks], saved[2 * blocks :]
+        hard = v_reset is not None
         if grad_spike_seq is None:
             grad_spike_seq = torch.zeros((steps, *shape), dtype=torch.float32, device=windows[0].device)
         # dL/dx_t overwrites dL/ds_t where nothing else holds that gradient: one chunk-sized buffer instead of two
@@ -121,36 +139,56 @@ class RectLIFFunction(torch.autograd.Function):
         else:
             carry = grad_v.clone()
         numel = carry.numel()
-        bits = windows[0].dtype == torch.uint8
-        # a mask of one step, unpacked from bits into a buffer padded to whole bytes (or converted from int8)
-        padded = torch.empty(8 * windows[0].numel() if bits else numel, dtype=carry.dtype, device=carry.device)
-        scratch = padded[:numel].view(shape)
-
-        def load(saved_mask: Tensor) -> Tensor:
-            if bits:
-                unpack_bits(saved_mask, numel, scratch.dtype, out=padded)
-                return scratch
-            return scratch.copy_(saved_mask)
-
+        # a block's masks, unpacked into float buffers: the surrogate's window, and for a hard reset dv_t/dh_t = 1 - s_t
+        window_buffer = _MaskBuffer(block, numel, shape, carry)
+        fired_buffer = _MaskBuffer(block, numel, shape, carry) if hard else None
         keep = 1.0 - 1.0 / tau
-        for t in range(steps - 1, -1, -1):
-            grad = grad_x_seq[t]  # dL/ds_t first, then dL/dh_t, then dL/dx_t: no buffer of its own
-            # dL/ds_t: the output's gradient plus, unless the reset is detached, the reset's dependence on s_t
-            if detach_reset:
-                if not own:
-                    grad.copy_(grad_spike_seq[t])
-            elif v_reset is None:
-                torch.add(grad_spike_seq[t], carry, alpha=-v_threshold, out=grad)
-            else:
-                torch.addcmul(grad_spike_seq[t], carry, v_reset - h_seq[t], out=grad)
-            grad.mul_(load(windows[t]))  # the surrogate: alpha inside the window, 0 outside
-            if v_reset is not None:
-                carry.mul_(load(fired[t]).neg_().add_(1.0))  # dv_t/dh_t = 1 - s_t
-            torch.add(carry, grad, alpha=alpha, out=grad)
-            torch.mul(grad, keep, out=carry)
-            if decay_input:
-                grad.div_(tau)
+        for index in range(blocks - 1, -1, -1):
+            start = index * block
+            stop = min(steps, start + block)
+            window = window_buffer.load(windows[index], stop - start)
+            if fired_buffer is not None:
+                not_fired = fired_buffer.load(fired[index], stop - start).neg_().add_(1.0)
+            for t in range(stop - 1, start - 1, -1):
+                grad = grad_x_seq[t]  # dL/ds_t first, then dL/dh_t, then dL/dx_t: no buffer of its own
+                # dL/ds_t: the output's gradient plus, unless the reset is detached, the reset's dependence on s_t
+                if detach_reset:
+                    if not own:
+                        grad.copy_(grad_spike_seq[t])
+                elif not hard:
+                    torch.add(grad_spike_seq[t], carry, alpha=-v_threshold, out=grad)
+                else:
+                    torch.addcmul(grad_spike_seq[t], carry, v_reset - h_seq[index][t - start], out=grad)
+                if fired_buffer is not None:
+                    carry.mul_(not_fired[t - start])
+                # dL/dh_t = carry * dv_t/dh_t + dL/ds_t * surrogate' (alpha inside the window, 0 outside)
+                torch.addcmul(carry, grad, window[t - start], value=alpha, out=grad)
+                torch.mul(grad, keep, out=carry)
+                if decay_input:
+                    grad.div_(tau)
         return grad_x_seq, carry, None, None, None, None, None, None, None
+
+
+def _save_mask(mask: Tensor) -> Tensor:
+    """A float 0/1 mask as backward keeps it: bits (:attr:`RectLIFFunction.bits`) or one int8 byte per value."""
+    return pack_bits(mask) if RectLIFFunction.bits else mask.to(torch.int8).flatten()
+
+
+class _MaskBuffer:
+    """Float scratch a saved block of masks (bits or int8, :func:`_save_mask`) is unpacked into: ``[steps, ...]``."""
+
+    def __init__(self, block: int, numel: int, shape: torch.Size, like: Tensor) -> None:
+        self.numel, self.shape = numel, shape
+        # padded to whole bytes of bits: unpack_bits writes 8 values per saved byte
+        self.padded = torch.empty(8 * ((block * numel + 7) // 8), dtype=like.dtype, device=like.device)
+
+    def load(self, saved: Tensor, steps: int) -> Tensor:
+        count = steps * self.numel
+        if saved.dtype == torch.uint8:
+            unpack_bits(saved, count, self.padded.dtype, out=self.padded[: 8 * saved.numel()])
+        else:
+            self.padded[:count].copy_(saved)
+        return self.padded[:count].view(steps, *self.shape)
 
 
 def _exclusive(grad: Tensor) -> bool:

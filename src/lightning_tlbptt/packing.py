@@ -134,11 +134,13 @@ def pack_bits(values: Tensor) -> Tensor:
     not checked here.
     """
     n = values.numel()
-    words = (n + 7) // 8
-    buffer = torch.empty(words * 8, dtype=torch.int8, device=values.device)
-    buffer[n:].zero_()
     # float -> int8 is several times faster than float -> uint8 on CPU; 0 and 1 are the same byte either way
-    buffer[:n].view(values.shape).copy_(values)
+    if n % 8 == 0 and values.is_contiguous():
+        buffer = values.to(torch.int8, copy=True).view(-1)  # one op where whole words need no padding (the usual case)
+    else:
+        buffer = torch.empty((n + 7) // 8 * 8, dtype=torch.int8, device=values.device)
+        buffer[n:].zero_()
+        buffer[:n].view(values.shape).copy_(values)
     return buffer.view(torch.int64).mul_(_MAGIC).bitwise_right_shift_(56).to(torch.uint8)
 
 
