@@ -246,7 +246,9 @@ def _read(path: Path) -> list[dict[str, str]]:
 def run_study(args: argparse.Namespace) -> int:
     import multiprocessing as mp
 
-    done = {(r["dataset"], r["setting"], int(r["seed"])) for r in _read(args.out)}
+    rows = _read(args.out)
+    _check_recipe(rows, args)
+    done = {(r["dataset"], r["setting"], int(r["seed"])) for r in rows}
     jobs = []
     for dataset, name, seed in plan(args):
         if (dataset, name, seed) in done:
@@ -277,6 +279,26 @@ def run_study(args: argparse.Namespace) -> int:
                 flush=True,
             )
     return 0
+
+
+def _check_recipe(rows: Sequence[dict[str, str]], args: argparse.Namespace) -> None:
+    """Refuse to resume a study whose finished runs used another recipe: they would be paired with the new runs."""
+    asked = {
+        "batch_size": str(args.batch_size),
+        "lr": str(args.lr_1024 * args.batch_size / 1024),
+        "dropout": str(args.dropout),
+        "init": args.init,
+    }
+    for row in rows:
+        wanted = {**asked, "epochs": str(args.epochs[row["dataset"]])}
+        wrong = {key: (row[key], value) for key, value in wanted.items() if row[key] != value}
+        if wrong:
+            differences = ", ".join(f"{key} {had} (asked {value})" for key, (had, value) in wrong.items())
+            raise SystemExit(
+                f"{args.out} holds {row['dataset']} {row['setting']} seed {row['seed']} trained with {differences}: "
+                "a resumed study pairs every run with the ones already there. Pass the same options, or another "
+                "--out and --curves for a new study."
+            )
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -449,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--event-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs-mnist", type=int, default=10)
-    parser.add_argument("--epochs-event", type=int, default=6)
+    parser.add_argument("--epochs-event", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--lr-1024", type=float, default=0.4, help="learning rate at batch 1,024 (paper's EMNIST range 0.2-0.5)"
