@@ -260,7 +260,7 @@ def run_study(args: argparse.Namespace) -> int:
                 "seed": seed,
                 "epochs": args.epochs[dataset],
                 "batch_size": args.batch_size,
-                "lr": args.lr_1024 * args.batch_size / 1024,
+                "lr": args.lr,
                 "dropout": args.dropout,
                 "balance": args.init == "balanced",
                 "data_dir": args.data_dir,
@@ -285,7 +285,7 @@ def _check_recipe(rows: Sequence[dict[str, str]], args: argparse.Namespace) -> N
     """Refuse to resume a study whose finished runs used another recipe: they would be paired with the new runs."""
     asked = {
         "batch_size": str(args.batch_size),
-        "lr": str(args.lr_1024 * args.batch_size / 1024),
+        "lr": str(args.lr),
         "dropout": str(args.dropout),
         "init": args.init,
     }
@@ -495,13 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.epochs = {"mnist5k": args.epochs_mnist, "event_mnist": args.epochs_event}
+    args.lr = args.lr_1024 * args.batch_size / 1024  # the paper's learning rate scaled to the batch
     if args.report:
         return report(args)
     if args.diagnose:
         dataset, name, seed = args.diagnose[0], args.diagnose[1], int(args.diagnose[2])
         job = {
             "dataset": dataset, "setting": name, "seed": seed, "epochs": args.epochs[dataset],
-            "batch_size": args.batch_size, "lr": args.lr_1024 * args.batch_size / 1024, "dropout": args.dropout,
+            "batch_size": args.batch_size, "lr": args.lr, "dropout": args.dropout,
             "balance": args.init == "balanced", "data_dir": args.data_dir,
             "limit_train_batches": args.limit_train_batches, "diagnose": True,
         }  # fmt: skip
@@ -513,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in ("BPTT", "k2n1"):
                 job = {
                     "dataset": dataset, "setting": name, "seed": 0, "epochs": 1, "batch_size": args.batch_size,
-                    "lr": args.lr_1024 * args.batch_size / 1024, "dropout": args.dropout,
+                    "lr": args.lr, "dropout": args.dropout,
                     "balance": args.init == "balanced", "data_dir": args.data_dir,
                     "limit_train_batches": args.limit_train_batches,
                 }  # fmt: skip
