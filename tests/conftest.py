@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import pytest
 
+from lightning_tlbptt import slicing
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -31,3 +33,9 @@ def make_trainer(tmp_path: Any) -> Callable[..., L.Trainer]:
         return L.Trainer(**defaults)
 
     return make
+
+
+@pytest.fixture
+def finest_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run of a network in its finest time slices (one step at ``slice_bytes=1``), not only the widest."""
+    monkeypatch.setattr(slicing.Plan, "coarsen", False)

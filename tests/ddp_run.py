@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT
+from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT, slicing
 
 from snn_fixtures import GradRecorder, conv_net
 
@@ -51,8 +51,9 @@ def main(out: Path, mode: str) -> None:
         loader = DataLoader(ds, batch_sampler=global_batches(ds))
         devices = 1
     recorder = GradRecorder()
+    slicing.Plan.coarsen = False  # every layer in one-step slices, not only the widest
     trainer = L.Trainer(
-        strategy=TruncatedLocalBPTT(k=2, n=1, slice_bytes=1),  # every layer in one-step slices, on every rank
+        strategy=TruncatedLocalBPTT(k=2, n=1, slice_bytes=1),  # on every rank
         accelerator="cpu",
         devices=devices,
         max_epochs=1,

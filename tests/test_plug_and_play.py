@@ -255,8 +255,8 @@ def _check_zoo_model(name: str, spec: tuple[Any, tuple[int, ...], bool], make_tr
     net = factory()
     reference, ours = ZooModule(copy.deepcopy(net), static), ZooModule(copy.deepcopy(net), static)
     _fit(make_trainer(max_steps=2), reference, _zoo_batches(shape, static))
-    # slice_bytes=1: every stretch of step-wise modules with a neuron (a neuron and its pool, ...) runs one step at a
-    # time, so the comparison covers layers walked in time slices on code nobody here wrote
+    # slice_bytes=1 and finest_slices: every stretch of step-wise modules with a neuron (a neuron and its pool, ...)
+    # runs one step at a time, so the comparison covers layers walked in time slices on code nobody here wrote
     strategy = TruncatedLocalBPTT(k=2, n=99, slice_bytes=1)
     _fit(make_trainer(max_steps=2, strategy=strategy), ours, _zoo_batches(shape, static))
     _assert_same_weights(ours, reference, atol=1e-5)
@@ -276,6 +276,7 @@ def _check_zoo_model(name: str, spec: tuple[Any, tuple[int, ...], bool], make_tr
 
 
 @pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.usefixtures("finest_slices")
 def test_model_zoo_exact_at_k_equal_T_and_trains_per_block(name: str, make_trainer) -> None:
     _check_zoo_model(name, ZOO[name], make_trainer)
 
@@ -298,5 +299,6 @@ def test_kernel_leaves_the_gradient_sew_resnet_shares_with_its_shortcut_alone(ma
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # a 152-layer ResNet fitted three times on two shared cores
 @pytest.mark.parametrize("name", list(SLOW_ZOO))
+@pytest.mark.usefixtures("finest_slices")
 def test_whole_model_zoo(name: str, make_trainer) -> None:
     _check_zoo_model(name, SLOW_ZOO[name], make_trainer)

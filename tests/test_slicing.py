@@ -82,6 +82,7 @@ def _forward_backward(net: nn.Module, x: torch.Tensor, runs: list[slicing.Run] |
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["kernel", "spikingjelly-lif"])
+@pytest.mark.usefixtures("finest_slices")
 def test_sliced_forward_and_gradients_equal_the_whole_chunks(fast: bool) -> None:
     whole, sliced = wide_net(), wide_net()
     if fast:
@@ -90,13 +91,14 @@ def test_sliced_forward_and_gradients_equal_the_whole_chunks(fast: bool) -> None
     runs = _runs(sliced, x)
     out_whole, grads_whole = _forward_backward(whole, x, None)
     out_sliced, grads_sliced = _forward_backward(sliced, x, runs)
-    assert all(run._steps and set(run._steps.values()) == {1} for run in runs)  # one step per slice
+    assert all(run.needs and {run._slice(need, len(x)) for need in run.needs.values()} == {1} for run in runs)
     assert torch.equal(out_sliced, out_whole) and out_whole.sum() > 0
     for name, g in grads_whole.items():
         assert g.abs().sum() > 0, f"{name}: no gradient, the comparison proves nothing"
         torch.testing.assert_close(grads_sliced[name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.usefixtures("finest_slices")
 def test_backward_puts_the_slices_gradients_together_once() -> None:
     """A run whose input needs a gradient (inside a block) hands that gradient back in one piece: not one
     zero-filled tensor of the whole input per slice (which made k = T training 1.5x slower)."""
@@ -127,12 +129,41 @@ def test_slices_follow_the_byte_size() -> None:
     runs = _runs(net, x, slice_bytes=3 * per_step)
     with slicing.installed(runs):
         net(x)
-    assert runs[0]._steps[(tuple(x.shape[1:]), x.dtype, x.device)] == 3
+    assert runs[0].needs[(tuple(x.shape[1:]), x.dtype, x.device)].finest == 3
     functional.reset_net(net)
     runs = _runs(net, x, slice_bytes=10**9)
     with slicing.installed(runs):
         net(x)
-    assert set(runs[0]._steps.values()) == {10**9 // per_step}
+    assert {need.finest for need in runs[0].needs.values()} == {10**9 // per_step}
+
+
+def test_narrower_layers_take_longer_slices_within_the_peak_of_the_widest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The widest layer sets the peak in its finest slices; a narrower one takes longer slices within that peak."""
+    x = _x(T=16, B=16)
+
+    def walk(coarsen: bool) -> tuple[torch.Tensor, list[int], int]:
+        monkeypatch.setattr(slicing.Plan, "coarsen", coarsen)
+        net = wide_net(channels=32, dropout=False)
+        neurons.accelerate(net)
+        runs = _runs(net, x)  # slice_bytes=1: one step is every run's finest slice
+        calls = [0] * len(net)
+        for i, module in enumerate(net):
+            module.register_forward_hook(lambda m, a, y, i=i: calls.__setitem__(i, calls[i] + 1))
+        with slicing.installed(runs), packing.binary_saved_tensors(net, bits=False):
+            net(x).sum().backward()  # the first call measures every run
+            functional.reset_net(net)
+            calls[:] = [0] * len(net)
+            with TensorMemoryMeter() as meter:
+                out = net(x)
+                out.sum().backward()
+        return out.detach(), calls, meter.peak_bytes
+
+    out_finest, calls_finest, peak_finest = walk(False)
+    out, calls, peak = walk(True)
+    assert torch.equal(out, out_finest)
+    assert calls_finest[0] == calls[0] == len(x)  # the widest conv: one step per slice either way
+    assert calls_finest[5] == len(x) and calls[5] < len(x) / 2, calls  # the second conv, a quarter as wide
+    assert peak <= 1.05 * peak_finest, (peak, peak_finest)
 
 
 def test_slicing_lowers_the_peak_of_a_wide_layer() -> None:
@@ -151,6 +182,7 @@ def test_slicing_lowers_the_peak_of_a_wide_layer() -> None:
     assert sliced < 0.6 * whole, (sliced, whole)
 
 
+@pytest.mark.usefixtures("finest_slices")
 def test_monitors_see_every_slice_and_the_module_is_handed_back_unchanged() -> None:
     net = wide_net()
     reference = copy.deepcopy(net)
@@ -191,6 +223,7 @@ def test_a_wrong_slice_size_is_named(value: Any) -> None:
         TruncatedLocalBPTT(k=2, n=1, slice_bytes=value)
 
 
+@pytest.mark.usefixtures("finest_slices")
 def test_spikes_made_in_slices_are_packed() -> None:
     net = wide_net(dropout=False)  # the second conv reads the first run's spikes, concatenated from slices
     x = _x()
@@ -213,6 +246,7 @@ def _fit_grads(make_trainer: Any, k: int, n: int | None, slice_bytes: int | None
 
 
 @pytest.mark.parametrize(("k", "n"), [(8, None), (4, 1), (2, 1)])
+@pytest.mark.usefixtures("finest_slices")
 def test_strategy_trains_the_same_with_and_without_slices(make_trainer, k: int, n: int | None) -> None:
     """With n = 1 every run ends a block: its local classifier reads it slice by slice."""
     whole = _fit_grads(make_trainer, k, n, None)

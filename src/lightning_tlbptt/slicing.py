@@ -15,8 +15,16 @@ forward values are the same as one call over the chunk, step for step; backward 
 the gradients of one slice are all that exist of the layer's width at a time, and they equal the whole call's up
 to float summation order (the weight gradient is summed slice by slice).
 
-``s`` comes from a byte size: the first call on a new input shape runs one step, measures the widest tensor the run
-makes per step, and takes ``s = max(1, slice_bytes // widest)``; a run whose chunk fits in one slice runs whole.
+``s`` comes from a byte size and from the other runs. The first call on a new input shape runs one step and
+measures, per step, the run's widest tensor, the sum of the tensors its modules make, and its input and output.
+The *finest* slice is ``max(1, slice_bytes // widest)`` steps. A run holds its input and output over the whole
+chunk whatever its slices, so its bytes over a chunk of ``k`` steps in slices of ``s`` are about
+``k * (input + output) + s * made`` per step's worth; the largest of these over all runs of the network, each at
+its finest slice, is the peak slicing can reach. Every run then takes the longest slice that stays within that
+peak, at least its finest: the widest layer walks its chunk in slices of ``slice_bytes``, and a narrow layer,
+which would not raise the peak whole, runs whole instead of paying for more, smaller calls (AlexNet at
+``k = 10``: the same peak, a third of the calls). A run whose chunk fits in one slice runs whole.
+
 Modules that do not work step by step stop a run: batch normalisation in training (its statistics are over all
 ``k * B`` samples), ``torch.nn.Dropout`` (a fresh mask per call would differ from SpikingJelly's per-sequence one),
 a neuron with ``store_v_seq=True`` (its recorded ``v_seq`` would be the last slice's) and any module this file does
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,7 +45,7 @@ from torch import Tensor, nn
 
 from lightning_tlbptt import packing
 
-__all__ = ["Run", "find_runs", "installed", "steps_independently"]
+__all__ = ["Need", "Plan", "Run", "find_runs", "installed", "steps_independently"]
 
 #: torch modules that compute each sample of their input alone and keep no state: in SpikingJelly's multi-step
 #: form (``step_mode='m'`` or inside a ``SeqToANNContainer``) each time step is computed alone.
@@ -67,8 +76,55 @@ def steps_independently(module: nn.Module) -> bool:
     return isinstance(module, base.StepModule) and module.step_mode == "m" and isinstance(module, STEPWISE)
 
 
+@dataclass(frozen=True)
+class Need:
+    """What a run holds while it walks a chunk, in bytes per time step (measured on one step).
+
+    Attributes:
+        held: its input and output, held over the whole chunk whatever the slices.
+        made: every tensor its modules make, summed (what exists per step of a slice).
+        finest: its finest slice, ``max(1, slice_bytes // widest)`` steps.
+    """
+
+    held: int
+    made: int
+    finest: int
+
+    def bytes(self, chunk: int, steps: int) -> int:
+        """About what the run holds over a chunk of ``chunk`` steps walked in slices of ``steps``."""
+        return chunk * self.held + min(steps, chunk) * self.made
+
+
+class Plan:
+    """The runs of one network and what each needs: a run is cut no finer than the peak the finest cuts leave.
+
+    Attributes:
+        coarsen: ``True`` (default) lets a run take longer slices than its finest where the peak allows;
+            ``False`` walks every run in its finest slices (read at every call).
+    """
+
+    coarsen: bool = True
+
+    def __init__(self) -> None:
+        self.needs: dict[int, Need] = {}  # per run (id), its last measurement
+
+    def steps(self, run: Run, need: Need, chunk: int) -> int:
+        """The longest slice of ``run`` over a chunk of ``chunk`` steps within the peak, at least its finest."""
+        self.needs[id(run)] = need
+        if not self.coarsen:
+            return need.finest
+        peak = max(other.bytes(chunk, other.finest) for other in self.needs.values())
+        return max(need.finest, (peak - chunk * need.held) // max(need.made, 1))
+
+
 class Run:
-    """Consecutive children ``parent[start:stop]`` of a Sequential, walked in time slices of at most ``slice_bytes``.
+    """Consecutive children ``parent[start:stop]`` of a Sequential, walked in time slices.
+
+    Args:
+        parent, start, stop: where the run is.
+        slice_bytes: the widest tensor of its finest slice (:class:`Need`).
+        plan: shared with the network's other runs, which then set how far a slice may grow (:class:`Plan`);
+            ``None``: every run in its finest slices.
 
     Attributes:
         before: pre-hooks of the first module that must see the whole chunk (see :data:`PreHook`).
@@ -77,15 +133,17 @@ class Run:
             slice by slice, instead of as one gradient the size of the run's output over the chunk.
     """
 
-    def __init__(self, parent: nn.Sequential, start: int, stop: int, slice_bytes: int) -> None:
+    def __init__(
+        self, parent: nn.Sequential, start: int, stop: int, slice_bytes: int, plan: Plan | None = None
+    ) -> None:
         self.parent, self.start, self.stop = parent, start, stop
         self.modules = tuple(parent[start:stop])
         self.slice_bytes = slice_bytes
+        self.plan = plan
         self.before: list[PreHook] = []
         self.readout: nn.Module | None = None
         self._read: list[Tensor] = []
-        self._steps: dict[tuple[Any, ...], int] = {}  # slice length per per-step input shape, dtype and device
-        self._widest = 0  # bytes per step of the widest tensor of the last measuring walk
+        self.needs: dict[tuple[Any, ...], Need] = {}  # per per-step input shape, dtype and device
 
     @property
     def names(self) -> str:
@@ -105,7 +163,8 @@ class Run:
             return self._read_out(self._walk(x))
         steps_total = x.shape[0]
         key = (tuple(x.shape[1:]), x.dtype, x.device)
-        steps = self._steps.get(key)
+        need = self.needs.get(key)
+        steps = self._slice(need, steps_total) if need is not None else None
         if steps is not None and steps >= steps_total:
             return self._read_out(self._walk(x))
         outputs: list[Tensor] = []
@@ -118,7 +177,8 @@ class Run:
         while pieces:
             piece = pieces.pop(0)
             end = begin + piece.shape[0]
-            y = self._walk(piece, measure=steps is None)
+            made: list[int] | None = [] if steps is None else None
+            y = self._walk(piece, made)
             if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != end - begin:
                 raise RuntimeError(
                     f"{self.names} returned {_describe(y)} for {end - begin} time step(s): it does not keep time as "
@@ -126,7 +186,8 @@ class Run:
                     "to run every layer whole."
                 )
             if steps is None:
-                steps = self._steps[key] = max(1, self.slice_bytes // max(self._widest, 1))
+                need = self.needs[key] = self._need(piece, y, made or [0])
+                steps = self._slice(need, steps_total)
                 pieces = list(pieces[0].split(steps))
             if self.readout is None:
                 outputs.append(y)
@@ -154,14 +215,20 @@ class Run:
         read, self._read = self._read, []
         return read[0] if len(read) == 1 else torch.cat(read)
 
-    def _walk(self, x: Any, measure: bool = False) -> Any:
-        if measure:
-            self._widest = 0
+    def _walk(self, x: Any, measured: list[int] | None = None) -> Any:
+        """The run's modules on ``x``; ``measured`` collects the bytes of every tensor they make."""
         for module in self.modules:
             x = module(x)
-            if measure and isinstance(x, Tensor):
-                self._widest = max(self._widest, x.numel() * x.element_size() // max(x.shape[0], 1))
+            if measured is not None and isinstance(x, Tensor):
+                measured.append(_nbytes(x))
         return x
+
+    def _need(self, step: Tensor, y: Tensor, made: list[int]) -> Need:
+        """What the run holds per step, from the walk of the one step ``step`` that gave ``y`` and made ``made``."""
+        return Need(held=_nbytes(step) + _nbytes(y), made=sum(made), finest=max(1, self.slice_bytes // max(made)))
+
+    def _slice(self, need: Need, chunk: int) -> int:
+        return need.finest if self.plan is None else self.plan.steps(self, need, chunk)
 
     def _read_out(self, y: Any) -> Any:
         if self.readout is not None:
@@ -219,8 +286,9 @@ def find_runs(net: nn.Module, layers: Sequence[Sequence[nn.Module]], slice_bytes
 
     ``layers``: the modules of each layer in execution order (:attr:`lightning_tlbptt.partitioning.Layer.modules`).
     A module called more than once per forward, or a Sequential whose class has its own ``forward``, is never
-    part of a run.
+    part of a run. The runs share one :class:`Plan`.
     """
+    plan = Plan()
     where: dict[int, tuple[nn.Sequential, int]] = {}
     for parent in net.modules():
         if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
@@ -240,7 +308,7 @@ def find_runs(net: nn.Module, layers: Sequence[Sequence[nn.Module]], slice_bytes
                 stretch.append((*place, module))
                 continue
             if len(stretch) > 1 and any(isinstance(m, neuron.BaseNode) for _, _, m in stretch):
-                runs.append(Run(stretch[0][0], stretch[0][1], stretch[-1][1] + 1, slice_bytes))
+                runs.append(Run(stretch[0][0], stretch[0][1], stretch[-1][1] + 1, slice_bytes, plan))
             stretch = [(*place, module)] if fits else []
     return runs
 
@@ -265,6 +333,11 @@ def installed(runs: Sequence[Run]) -> Iterator[None]:
             run.before.clear()
             run.readout = None
             run._read.clear()
+
+
+def _nbytes(x: Tensor) -> int:
+    """Bytes per time step of ``[T, ...]``."""
+    return x.numel() * x.element_size() // max(x.shape[0], 1)
 
 
 def _describe(value: Any) -> str:
