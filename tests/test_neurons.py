@@ -11,7 +11,7 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 
-from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT
+from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, native
 from lightning_tlbptt.neurons import RectLIFFunction, accelerate, is_accelerated, restore, supports
 
 from snn_fixtures import GradRecorder, conv_net, event_batches
@@ -36,24 +36,46 @@ def _run(node: neuron.LIFNode, x: torch.Tensor, w: torch.Tensor) -> tuple[list[t
     return [first, second, node.v.detach()], x.grad
 
 
-@pytest.mark.parametrize("block_steps", [None, 3], ids=["one-block", "blocks-of-3"])
+@pytest.mark.parametrize("path", ["torch", "torch-blocks-of-3", "c"])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config, block_steps, monkeypatch):
-    """Also in blocks of 3 steps: 7 = 3 + 3 + 1, and 63 neurons a step, so a block's bits do not end on a byte."""
-    if block_steps is not None:
-        monkeypatch.setattr(RectLIFFunction, "block_bytes", block_steps * 63 * 4)
+def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config, path, monkeypatch):
+    """The torch path also in blocks of 3 steps: 7 = 3 + 3 + 1, and 63 neurons a step, so a block's bits do not end
+    on a byte; the compiled C loops (lightning_tlbptt.native) on 72 neurons a step (whole bytes of bits)."""
+    monkeypatch.setattr(RectLIFFunction, "native", path == "c")
+    if path == "torch-blocks-of-3":
+        monkeypatch.setattr(RectLIFFunction, "block_bytes", 3 * 63 * 4)
+    if path == "c" and not native.available():
+        pytest.skip("no C compiler here: the C loops are not built")
+    calls = _count_native_calls(monkeypatch)
     torch.manual_seed(0)
-    x = torch.randn(7, 3, 21) * 0.8
-    w = torch.randn(7, 3, 21)
+    x = torch.randn(7, 3, 24 if path == "c" else 21) * 0.8
+    w = torch.randn(x.shape)
     reference, fast = _lif(**config), _lif(**config)
     assert accelerate(fast) == [fast] and accelerate(reference) == [reference]
     restore(reference)
     ref_out, ref_grad = _run(reference, x, w)
     fast_out, fast_grad = _run(fast, x, w)
+    assert calls == ({"forward": 2, "backward": 2} if path == "c" else {})
     for a, b in zip(ref_out, fast_out, strict=True):
         assert torch.equal(a, b)
     assert ref_out[0].sum() > 0 and ref_grad.abs().sum() > 0  # the comparison is not between zeros
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def _count_native_calls(monkeypatch) -> dict[str, int]:
+    """Calls of the C loops from now on, by direction."""
+    calls: dict[str, int] = {}
+
+    def counting(name: str, run):
+        def counted(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return run(*args)
+
+        return counted
+
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(native, name, counting(name, getattr(native, name)))
+    return calls
 
 
 def _grad_through(node: neuron.LIFNode, x: torch.Tensor, consume) -> tuple[torch.Tensor, dict[str, int]]:

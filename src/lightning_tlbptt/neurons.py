@@ -25,6 +25,7 @@ import torch
 from spikingjelly.activation_based import neuron, surrogate
 from torch import Tensor, nn
 
+from lightning_tlbptt import native
 from lightning_tlbptt.packing import pack_bits, unpack_bits
 
 __all__ = ["RectLIFFunction", "accelerate", "is_accelerated", "restore", "supports"]
@@ -51,10 +52,13 @@ class RectLIFFunction(torch.autograd.Function):
             Read when a forward runs; the gradients are the same bits either way.
         block_bytes: the most bytes of voltage a block of steps holds (default 1 MiB; at least one step). Larger
             blocks cost fewer ops and more scratch memory.
+        native: ``True`` (default) runs the step loops in C where :mod:`lightning_tlbptt.native` can (float32 on
+            the CPU, masks as bits): one pass over memory per step, the same values. ``False``: always torch ops.
     """
 
     bits: bool = True
     block_bytes: int = 1 << 20
+    native: bool = True
 
     @staticmethod
     def forward(
@@ -73,6 +77,21 @@ class RectLIFFunction(torch.autograd.Function):
         spike_seq = torch.empty_like(x_seq, memory_format=torch.contiguous_format)
         hard = v_reset is not None
         v = v.clone(memory_format=torch.contiguous_format)
+        if RectLIFFunction.native and RectLIFFunction.bits and native.usable(x_seq):
+            # the same step loop in C, one pass a step: all steps are one block, masks written as bits directly
+            numel = v.numel()
+            bits = (steps * numel // 8,)
+            window = x_seq.new_empty(bits, dtype=torch.uint8) if record else None
+            fired = x_seq.new_empty(bits, dtype=torch.uint8) if record and hard else None
+            h_seq = torch.empty_like(spike_seq) if record and hard and not detach_reset else None
+            native.forward(
+                x_seq.contiguous(), spike_seq, v, h_seq, window, fired, tau, decay_input, v_threshold, v_reset, alpha
+            )
+            ctx.save_for_backward(*(t for t in (window, fired, h_seq) if t is not None))
+            ctx.config = (steps, steps, v.shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
+            ctx.native = True
+            return spike_seq, v
+        ctx.native = False
         # The step loop keeps only what the recurrence needs (charge, fire, reset: four ops a step for the paper's
         # neuron); the masks backward needs are computed and stored once per block of steps, from the charged
         # voltages of that block. Blocks are bounded in bytes: the scratch stays small (heap-reused, cache-warm) and
@@ -126,6 +145,8 @@ class RectLIFFunction(torch.autograd.Function):
         hard = v_reset is not None
         if grad_spike_seq is None:
             grad_spike_seq = torch.zeros((steps, *shape), dtype=torch.float32, device=windows[0].device)
+        elif ctx.native:
+            grad_spike_seq = grad_spike_seq.contiguous()
         # dL/dx_t overwrites dL/ds_t where nothing else holds that gradient: one chunk-sized buffer instead of two
         # at the moment that sets the peak of truncated training (a pool's backward feeding this one).
         own = _exclusive(grad_spike_seq)
@@ -137,7 +158,23 @@ class RectLIFFunction(torch.autograd.Function):
         elif _exclusive(grad_v):
             carry = grad_v
         else:
-            carry = grad_v.clone()
+            carry = grad_v.clone(memory_format=torch.contiguous_format)
+        if ctx.native:
+            native.backward(
+                grad_spike_seq,
+                grad_x_seq,
+                carry,
+                windows[0],
+                fired[0] if hard else None,
+                h_seq[0] if h_seq else None,
+                tau,
+                decay_input,
+                v_threshold,
+                v_reset,
+                alpha,
+                detach_reset,
+            )
+            return grad_x_seq, carry, None, None, None, None, None, None, None
         numel = carry.numel()
         # a block's masks, unpacked into float buffers: the surrogate's window, and for a hard reset dv_t/dh_t = 1 - s_t
         window_buffer = _MaskBuffer(block, numel, shape, carry)

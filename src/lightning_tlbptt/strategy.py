@@ -131,10 +131,11 @@ class TruncatedLocalBPTT(DDPStrategy):
             saved for backward at k = 10, but a few percent slower on CPU and the peak is set by other tensors, so
             it is off by default (``benchmarks/packing.py``). Average pools keep only the shape of their input
             for backward either way (:data:`~lightning_tlbptt.packing.SHAPE_ONLY`).
-        slice_bytes: run each layer's forward over its chunk in time slices whose widest tensor is about this
-            many bytes (:mod:`~lightning_tlbptt.slicing`), so that a wide layer's conv output and spikes exist one
-            slice at a time; ``None`` runs every layer over the whole chunk at once. Layers with batch
-            normalisation, and modules SpikingJelly does not run step by step, always run whole.
+        slice_bytes: run the widest layer's forward over its chunk in time slices whose widest tensor is about
+            this many bytes (:mod:`~lightning_tlbptt.slicing`), so that its conv output and spikes exist one slice
+            at a time, and every other layer in slices as long as stay within the peak that leaves (narrow layers
+            run whole); ``None`` runs every layer over the whole chunk at once. Layers with batch normalisation,
+            and modules SpikingJelly does not run step by step, always run whole.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy` (``start_method``,
             ``process_group_backend``, ``timeout``, ...).
     """
