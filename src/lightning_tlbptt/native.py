@@ -26,12 +26,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "backward", "forward", "usable"]
+__all__ = ["Settings", "available", "backward", "forward", "usable"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,17 @@ _MIN_PER_THREAD = 1 << 15
 
 _float_p, _uint8_p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_uint8)
 _i64, _int, _float = ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+class Settings(NamedTuple):
+    """A Rect LIF neuron's settings, in :class:`~lightning_tlbptt.neurons.RectLIFFunction`'s order."""
+
+    tau: float
+    decay_input: bool
+    v_threshold: float
+    v_reset: float | None  # None: soft reset
+    alpha: float
+    detach_reset: bool
 
 
 def available() -> bool:
@@ -122,17 +133,13 @@ def forward(
     h_seq: Tensor | None,
     window: Tensor | None,
     fired: Tensor | None,
-    tau: float,
-    decay_input: bool,
-    v_threshold: float,
-    v_reset: float | None,
-    alpha: float,
+    neuron: Settings,
 ) -> None:
     """The forward step loop over ``x_seq [T, ...]``: writes ``spike_seq``, ``v`` (in place, from the state before
     the first step), and when given ``h_seq`` (charged voltages, float), ``window`` and ``fired`` (bits)."""
     library = _loaded()
     steps, numel = x_seq.shape[0], v.numel()
-    common = (tau, int(decay_input), v_threshold, int(v_reset is not None), v_reset or 0.0, 0.5 / alpha)
+    common = (*_common(neuron), 0.5 / neuron.alpha)
     pointers = (_p(x_seq), _p(spike_seq), _p(v), _p(h_seq), _p(window, _uint8_p), _p(fired, _uint8_p))
     _split(numel, lambda begin, end: library.rect_lif_forward(*pointers, steps, numel, begin, end, *common))
 
@@ -144,21 +151,21 @@ def backward(
     window: Tensor,
     fired: Tensor | None,
     h_seq: Tensor | None,
-    tau: float,
-    decay_input: bool,
-    v_threshold: float,
-    v_reset: float | None,
-    alpha: float,
-    detach_reset: bool,
+    neuron: Settings,
 ) -> None:
     """The backward step loop: writes ``grad_x_seq`` (may be ``grad_spike_seq`` itself) and ``carry`` (dL/dv,
     in place, from dL/dv_T to what flows to the state before the first step)."""
     library = _loaded()
     steps, numel = grad_spike_seq.shape[0], carry.numel()
-    common = (tau, int(decay_input), v_threshold, int(v_reset is not None), v_reset or 0.0, alpha)
-    common += (int(detach_reset), 1.0 - 1.0 / tau)
+    common = (*_common(neuron), neuron.alpha, int(neuron.detach_reset), 1.0 - 1.0 / neuron.tau)
     pointers = (_p(grad_spike_seq), _p(grad_x_seq), _p(carry), _p(window, _uint8_p), _p(fired, _uint8_p), _p(h_seq))
     _split(numel, lambda begin, end: library.rect_lif_backward(*pointers, steps, numel, begin, end, *common))
+
+
+def _common(neuron: Settings) -> tuple[float, int, float, int, float]:
+    """The C loops' leading settings: tau, decay_input, v_threshold, hard, v_reset."""
+    hard = neuron.v_reset is not None
+    return neuron.tau, int(neuron.decay_input), neuron.v_threshold, int(hard), neuron.v_reset if hard else 0.0
 
 
 def _loaded() -> ctypes.CDLL:

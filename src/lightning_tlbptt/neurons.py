@@ -84,9 +84,8 @@ class RectLIFFunction(torch.autograd.Function):
             window = x_seq.new_empty(bits, dtype=torch.uint8) if record else None
             fired = x_seq.new_empty(bits, dtype=torch.uint8) if record and hard else None
             h_seq = torch.empty_like(spike_seq) if record and hard and not detach_reset else None
-            native.forward(
-                x_seq.contiguous(), spike_seq, v, h_seq, window, fired, tau, decay_input, v_threshold, v_reset, alpha
-            )
+            neuron = native.Settings(tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
+            native.forward(x_seq.contiguous(), spike_seq, v, h_seq, window, fired, neuron)
             ctx.save_for_backward(*(t for t in (window, fired, h_seq) if t is not None))
             ctx.config = (steps, steps, v.shape, tau, decay_input, v_threshold, v_reset, alpha, detach_reset)
             ctx.native = True
@@ -167,12 +166,7 @@ class RectLIFFunction(torch.autograd.Function):
                 windows[0],
                 fired[0] if hard else None,
                 h_seq[0] if h_seq else None,
-                tau,
-                decay_input,
-                v_threshold,
-                v_reset,
-                alpha,
-                detach_reset,
+                native.Settings(tau, decay_input, v_threshold, v_reset, alpha, detach_reset),
             )
             return grad_x_seq, carry, None, None, None, None, None, None, None
         numel = carry.numel()
