@@ -3,7 +3,8 @@
 Training memory under truncation is affine in ``k``: the parameters, gradients, optimizer state and input batch do
 not depend on it, and every block keeps the activations of ``k`` steps until its local loss is back-propagated.
 So measured chunks fix the model ``bytes(k) = fixed + per_step * k``: the strategy runs chunks of ``k = 1, 2, 4,
-...`` on the real device at setup (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak of every live tensor,
+...`` on the real device at setup, each after an uncounted chunk so that every layer's neuron states are alive as
+in training (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak of every live tensor,
 :class:`~lightning_tlbptt.memory.TensorMemoryMeter`, plus the parameters and optimizer state allocated before),
 growing ``k`` no further than the last two measurements predict to fit, and :func:`choose_k` takes the largest
 ``k <= T`` whose predicted bytes fit the budget less a safety margin. When even ``k = 1`` does not fit, the part
