@@ -124,7 +124,7 @@ class Run:
         parent, start, stop: where the run is.
         slice_bytes: the widest tensor of its finest slice (:class:`Need`).
         plan: shared with the network's other runs, which then set how far a slice may grow (:class:`Plan`);
-            ``None``: every run in its finest slices.
+            by default one of its own, so that a run alone takes its finest slices.
 
     Attributes:
         before: pre-hooks of the first module that must see the whole chunk (see :data:`PreHook`).
@@ -139,7 +139,7 @@ class Run:
         self.parent, self.start, self.stop = parent, start, stop
         self.modules = tuple(parent[start:stop])
         self.slice_bytes = slice_bytes
-        self.plan = plan
+        self.plan = plan if plan is not None else Plan()
         self.before: list[PreHook] = []
         self.readout: nn.Module | None = None
         self._read: list[Tensor] = []
@@ -164,7 +164,7 @@ class Run:
         steps_total = x.shape[0]
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         need = self.needs.get(key)
-        steps = self._slice(need, steps_total) if need is not None else None
+        steps = self.plan.steps(self, need, steps_total) if need is not None else None
         if steps is not None and steps >= steps_total:
             return self._read_out(self._walk(x))
         outputs: list[Tensor] = []
@@ -187,7 +187,7 @@ class Run:
                 )
             if steps is None:
                 need = self.needs[key] = self._need(piece, y, made or [0])
-                steps = self._slice(need, steps_total)
+                steps = self.plan.steps(self, need, steps_total)
                 pieces = list(pieces[0].split(steps))
             if self.readout is None:
                 outputs.append(y)
@@ -226,9 +226,6 @@ class Run:
     def _need(self, step: Tensor, y: Tensor, made: list[int]) -> Need:
         """What the run holds per step, from the walk of the one step ``step`` that gave ``y`` and made ``made``."""
         return Need(held=_nbytes(step) + _nbytes(y), made=sum(made), finest=max(1, self.slice_bytes // max(made)))
-
-    def _slice(self, need: Need, chunk: int) -> int:
-        return need.finest if self.plan is None else self.plan.steps(self, need, chunk)
 
     def _read_out(self, y: Any) -> Any:
         if self.readout is not None:
