@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from spikingjelly.activation_based import functional, layer, monitor, neuron
@@ -27,9 +28,9 @@ def one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-def _runs(net: nn.Module, x: torch.Tensor, slice_bytes: int = 1) -> list[slicing.Run]:
+def _runs(net: nn.Module, x: torch.Tensor, slice_bytes: int = 1, **kwargs: Any) -> list[slicing.Run]:
     found = observe(net, None, (x,), {})
-    return slicing.find_runs(net, [layer.modules for layer in found.partition.layers], slice_bytes)
+    return slicing.find_runs(net, [layer.modules for layer in found.partition.layers], slice_bytes, **kwargs)
 
 
 def _x(T: int = 6, B: int = 4, seed: int = 0) -> torch.Tensor:
@@ -137,15 +138,15 @@ def test_slices_follow_the_byte_size() -> None:
     assert {need.finest for need in runs[0].needs.values()} == {10**9 // per_step}
 
 
-def test_narrower_layers_take_longer_slices_within_the_peak_of_the_widest(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_narrower_layers_take_longer_slices_within_the_peak_of_the_widest() -> None:
     """The widest layer sets the peak in its finest slices; a narrower one takes longer slices within that peak."""
     x = _x(T=16, B=16)
 
     def walk(coarsen: bool) -> tuple[torch.Tensor, list[int], int]:
-        monkeypatch.setattr(slicing.Plan, "coarsen", coarsen)
         net = wide_net(channels=32, dropout=False)
         neurons.accelerate(net)
-        runs = _runs(net, x)  # slice_bytes=1: one step is every run's finest slice
+        runs = _runs(net, x, coarsen=coarsen)  # slice_bytes=1: one step is every run's finest slice
+        assert {run.plan.coarsen for run in runs} == {coarsen}  # the plan's own setting, not a class switch
         calls = [0] * len(net)
         for i, module in enumerate(net):
             module.register_forward_hook(lambda m, a, y, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -273,3 +274,66 @@ def test_blocks_train_in_slices_at_a_lower_peak(make_trainer) -> None:
         return meter.peak_bytes
 
     assert peak(1) < 0.6 * peak(None)
+
+
+class ConvBnSpike(nn.Sequential):
+    """A user's block template: an ``nn.Sequential`` subclass whose constructor takes its own arguments, so that
+    ``nn.Sequential.__getitem__`` with a slice (``type(self)(OrderedDict(...))``) fails. Counts its constructions."""
+
+    built = 0
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(layer.Conv2d(cin, cout, 3, padding=1, step_mode="m"), lif(), layer.AvgPool2d(2, step_mode="m"))
+        ConvBnSpike.built += 1
+
+
+def block_net(seed: int = 0) -> nn.Sequential:
+    """[T, B, 1, 8, 8] -> [T, B, 4]: two ConvBnSpike blocks and a spiking output layer."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        ConvBnSpike(1, 8), ConvBnSpike(8, 8), layer.Flatten(step_mode="m"), layer.Linear(32, 4, step_mode="m"), lif()
+    )
+
+
+@pytest.mark.usefixtures("finest_slices")
+def test_a_sequential_subclass_with_its_own_constructor_is_sliced_without_building_it() -> None:
+    whole, sliced = block_net(), block_net()
+    x = _x()
+    built = ConvBnSpike.built
+    runs = _runs(sliced, x)
+    assert [type(run.parent).__name__ for run in runs][:2] == ["ConvBnSpike", "ConvBnSpike"]
+    out_whole, grads_whole = _forward_backward(whole, x, None)
+    out_sliced, grads_sliced = _forward_backward(sliced, x, runs)
+    assert ConvBnSpike.built == built, "slicing called the user's constructor"
+    assert all(run.needs for run in runs[:2])  # the blocks' runs were walked in slices
+    assert torch.equal(out_sliced, out_whole) and out_whole.sum() > 0
+    for name, g in grads_whole.items():
+        torch.testing.assert_close(grads_sliced[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.usefixtures("finest_slices")
+def test_a_network_of_sequential_subclasses_trains_through_the_strategy(make_trainer) -> None:
+    """k = T, one block equals plain Lightning with every layer walked in slices; k < T, n = 1 trains every block."""
+
+    def fit(strategy: TruncatedLocalBPTT | None, steps: int = 4) -> tuple[SpikingClassifier, L.Trainer]:
+        module = SpikingClassifier(block_net(), lr=0.1, lr_step_epochs=0)
+        torch.manual_seed(5)
+        trainer = make_trainer(max_steps=steps, **({"strategy": strategy} if strategy else {}))
+        trainer.fit(module, event_batches(n=16, T=8, batch_size=4))
+        return module, trainer
+
+    initial = {name: p.detach().clone() for name, p in block_net().named_parameters()}
+    built = ConvBnSpike.built
+    reference, _ = fit(None)
+    ours, _ = fit(TruncatedLocalBPTT(k=8, n=None, slice_bytes=1))
+    for (name, p), q in zip(reference.net.named_parameters(), ours.net.parameters(), strict=True):
+        assert not torch.equal(p, initial[name]), f"{name} did not move: the comparison proves nothing"
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
+
+    local, trainer = fit(TruncatedLocalBPTT(k=2, n=1, slice_bytes=1))
+    strategy = trainer.strategy
+    assert isinstance(strategy, TruncatedLocalBPTT) and strategy.partition is not None
+    assert len(strategy.partition.blocks) == 2  # each ConvBnSpike a layer, the output layer closing the last
+    for name, p in local.net.named_parameters():
+        assert not torch.equal(p, initial[name]), f"{name} did not learn"
+    assert ConvBnSpike.built == built + 3 * 2, "only block_net() builds blocks, never the strategy"

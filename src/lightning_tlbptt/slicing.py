@@ -23,13 +23,19 @@ chunk whatever its slices, so its bytes over a chunk of ``k`` steps in slices of
 its finest slice, is the peak slicing can reach. Every run then takes the longest slice that stays within that
 peak, at least its finest: the widest layer walks its chunk in slices of ``slice_bytes``, and a narrow layer,
 which would not raise the peak whole, runs whole instead of paying for more, smaller calls (AlexNet at
-``k = 10``: the same peak, a third of the calls). A run whose chunk fits in one slice runs whole.
+``k = 10``: the same peak, a third of the calls). A run whose chunk fits in one slice runs whole. With
+``find_runs(..., coarsen=False)`` every run takes its finest slices instead.
 
 Modules that do not work step by step stop a run: batch normalisation in training (its statistics are over all
 ``k * B`` samples), ``torch.nn.Dropout`` (a fresh mask per call would differ from SpikingJelly's per-sequence one),
 a neuron with ``store_v_seq=True`` (its recorded ``v_seq`` would be the last slice's) and any module this file does
 not know. What changes for a user: forward hooks on the modules of a run (SpikingJelly's monitors) fire once per
 slice instead of once per chunk.
+
+A Sequential's children are read from its ``_modules``, never by indexing it with a slice: ``nn.Sequential``
+answers ``parent[i:j]`` by calling ``type(parent)(...)``, which fails for (or, worse, runs) the constructor of a
+user's subclass such as ``class ConvBnSpike(nn.Sequential): def __init__(self, cin, cout)``. Nothing here builds a
+module.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def steps_independently(module: nn.Module) -> bool:
     if isinstance(module, layer.Dropout):  # one mask per sequence, kept in its memory until reset
         return module.step_mode == "m"
     if isinstance(module, layer.SeqToANNContainer):
-        return all(isinstance(m, STEPWISE) for m in module)
+        return all(isinstance(m, STEPWISE) for m in _children(module))
     return isinstance(module, base.StepModule) and module.step_mode == "m" and isinstance(module, STEPWISE)
 
 
@@ -98,14 +104,13 @@ class Need:
 class Plan:
     """The runs of one network and what each needs: a run is cut no finer than the peak the finest cuts leave.
 
-    Attributes:
+    Args:
         coarsen: ``True`` (default) lets a run take longer slices than its finest where the peak allows;
-            ``False`` walks every run in its finest slices (read at every call).
+            ``False`` walks every run in its finest slices.
     """
 
-    coarsen: bool = True
-
-    def __init__(self) -> None:
+    def __init__(self, coarsen: bool = True) -> None:
+        self.coarsen = coarsen
         self.needs: dict[int, Need] = {}  # per run (id), its last measurement
 
     def steps(self, run: Run, need: Need, chunk: int) -> int:
@@ -137,7 +142,7 @@ class Run:
         self, parent: nn.Sequential, start: int, stop: int, slice_bytes: int, plan: Plan | None = None
     ) -> None:
         self.parent, self.start, self.stop = parent, start, stop
-        self.modules = tuple(parent[start:stop])
+        self.modules = _children(parent)[start:stop]
         self.slice_bytes = slice_bytes
         self.plan = plan if plan is not None else Plan()
         self.before: list[PreHook] = []
@@ -265,7 +270,7 @@ class _SlicedSequential:
         self.runs = {run.start: run for run in runs}
 
     def __call__(self, input: Any) -> Any:
-        children = list(self.parent._modules.values())
+        children = _children(self.parent)
         i = 0
         while i < len(children):
             run = self.runs.get(i)
@@ -278,18 +283,21 @@ class _SlicedSequential:
         return input
 
 
-def find_runs(net: nn.Module, layers: Sequence[Sequence[nn.Module]], slice_bytes: int) -> list[Run]:
+def find_runs(
+    net: nn.Module, layers: Sequence[Sequence[nn.Module]], slice_bytes: int, *, coarsen: bool = True
+) -> list[Run]:
     """The runs of ``net``: maximal stretches of step-wise Sequential children within one layer, with a neuron.
 
     ``layers``: the modules of each layer in execution order (:attr:`lightning_tlbptt.partitioning.Layer.modules`).
     A module called more than once per forward, or a Sequential whose class has its own ``forward``, is never
-    part of a run. The runs share one :class:`Plan`.
+    part of a run. The runs share one ``Plan(coarsen)``: with ``coarsen=False`` every run walks its finest
+    slices, not only the widest.
     """
-    plan = Plan()
+    plan = Plan(coarsen)
     where: dict[int, tuple[nn.Sequential, int]] = {}
     for parent in net.modules():
         if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
-            for index, child in enumerate(parent):
+            for index, child in enumerate(_children(parent)):
                 where[id(child)] = (parent, index)
     calls: dict[int, int] = {}
     for modules in layers:
@@ -330,6 +338,12 @@ def installed(runs: Sequence[Run]) -> Iterator[None]:
             run.before.clear()
             run.readout = None
             run._read.clear()
+
+
+def _children(parent: nn.Sequential) -> tuple[nn.Module, ...]:
+    """``parent``'s children in the order ``nn.Sequential.forward`` calls them, read from ``_modules``: indexing
+    with a slice would rebuild ``parent`` through its class's constructor (see the module docstring)."""
+    return tuple(parent._modules.values())
 
 
 def _nbytes(x: Tensor) -> int:
