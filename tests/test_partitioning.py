@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from spikingjelly.activation_based.examples.memopt.models import CIFAR10DVSVGG
 from spikingjelly.activation_based.model import sew_resnet, spiking_resnet, spiking_vgg
 from torch import nn
+from torch._dynamo import OptimizedModule
 
-from lightning_tlbptt import PartitionError, find_network, observe
-from lightning_tlbptt.partitioning import block_groups
+from lightning_tlbptt import PartitionError, SpikingClassifier, TruncatedLocalBPTT, find_network, observe
+from lightning_tlbptt.partitioning import block_groups, original
 
-from snn_fixtures import conv_net, lif
+from snn_fixtures import conv_net, event_batches, lif
 
 
 def _zoo(factory, **kwargs) -> nn.Module:
@@ -154,3 +157,93 @@ def test_a_layer_starts_at_its_weighted_module_after_an_identity_in_evaluation(m
         ["Conv2d", "LIFNode", "Flatten"],
         ["Linear", "LIFNode"],
     ]
+
+
+class ConvBnSpike(nn.Sequential):
+    """A user's block template whose constructor takes its own arguments; counts its constructions."""
+
+    built = 0
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(layer.Conv2d(cin, cout, 3, padding=1, step_mode="m"), lif(), layer.AvgPool2d(2, step_mode="m"))
+        ConvBnSpike.built += 1
+
+
+class Head(nn.Module):
+    """A user's module with a required constructor argument and a forward of its own."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc, self.sn = layer.Linear(width, 4, step_mode="m"), lif()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sn(self.fc(x.flatten(2)))
+
+
+def _block_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(ConvBnSpike(1, 4), ConvBnSpike(4, 8), Head(32))
+
+
+def test_sequential_subclasses_with_their_own_constructor_are_partitioned_without_building_them():
+    net = _block_net()
+    built = ConvBnSpike.built
+    p = observe(net, 1, (torch.rand(3, 2, 1, 8, 8),)).partition
+    assert [layer.names for layer in p.layers] == [("0.0", "0.1", "0.2"), ("1.0", "1.1", "1.2"), ("2.fc", "2.sn")]
+    assert [b.start.name if b.start else None for b in p.blocks] == [None, "1"]  # the head closes the last
+    assert ConvBnSpike.built == built
+
+
+def _refuse(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+    """A torch.compile backend that fails if anything is compiled: the probe must run the original eagerly."""
+    raise AssertionError("torch.compile compiled a graph")
+
+
+def test_a_compiled_network_is_partitioned_through_its_original():
+    x = torch.rand(4, 2, 1, 8, 8)
+    expected = observe(conv_net(), 1, (x,))
+    net = conv_net()
+    compiled = torch.compile(net, backend=_refuse)
+    found = observe(compiled, 1, (x,))
+    assert [layer.names for layer in found.partition.layers] == [layer.names for layer in expected.partition.layers]
+    assert [b.start.name for b in found.partition.blocks[1:] if b.start] == ["3", "6"]
+    assert all(b.start.module is net[int(b.start.name)] for b in found.partition.blocks[1:] if b.start)
+    for a, b in zip(found.block_inputs, expected.block_inputs, strict=True):
+        torch.testing.assert_close(a, b)
+
+    holder = nn.Module()
+    holder.net = compiled
+    assert find_network(holder) == ("net", net)  # the original, under the compiled one's attribute name
+    assert find_network(holder, "net") == ("net", net)
+
+    # compiled in place or in parts: the probe runs every compiled function eagerly, and compiles nothing
+    inner = conv_net()
+    inner.compile(backend=_refuse)
+    inner[3] = torch.compile(inner[3], backend=_refuse)
+    found = observe(inner, 1, (x,))
+    assert len(found.partition.blocks) == 3 and found.partition.num_classes == 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch.compile (issue 22, pattern 8): fit must run a compiled network eagerly, e.g. under "
+    "torch.compiler.set_stance('force_eager'); today dynamo traces the strategy's hooks and neuron kernel",
+)
+def test_a_compiled_network_trains_through_the_strategy_and_stays_compiled(make_trainer):
+    def fit(compiled: bool, strategy: TruncatedLocalBPTT | None) -> SpikingClassifier:
+        net = conv_net()
+        module = SpikingClassifier(torch.compile(net, backend=_refuse) if compiled else net, lr=0.1, lr_step_epochs=0)
+        torch.manual_seed(5)
+        make_trainer(max_steps=2, **({"strategy": strategy} if strategy else {})).fit(module, event_batches(T=4))
+        return module
+
+    initial = dict(conv_net().named_parameters())
+    reference = fit(False, None)
+    exact = fit(True, TruncatedLocalBPTT(k=4, n=None))
+    for (name, p), q in zip(reference.net.named_parameters(), exact.net.parameters(), strict=True):
+        assert not torch.equal(p, initial[name]), f"{name} did not move: the comparison proves nothing"
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
+    local = fit(True, TruncatedLocalBPTT(k=2, n=1))
+    assert isinstance(local.net, OptimizedModule)  # handed back compiled
+    for name, p in original(local.net).named_parameters():
+        assert not torch.equal(p, initial[name]), f"{name} did not learn"

@@ -12,6 +12,12 @@ the output layer closes the last block (:func:`block_groups`); ``n=None`` is one
 The blocks run inside the network's own forward: the strategy hooks each block's first call, back-propagates the
 block's local loss there and frees its graph before the block runs on. The cost model
 (:func:`lightning_tlbptt.measure.costs.profile`) reads the same observation, so both see the same layers and blocks.
+
+Compiled networks are partitioned through their original: a compiled graph hides the module calls and the autograd
+graph the cuts are read from. :func:`find_network` and :func:`observe` take ``torch.compile(net)``'s original
+(:func:`original`), and the probe runs with every compiled function of the network (``nn.Module.compile()`` in
+place, compiled sub-modules) in eager mode, ``torch.compiler.set_stance("force_eager")``: it compiles nothing.
+Nothing here builds or copies a user's module, so any ``nn.Module`` subclass can be partitioned.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Literal
 import torch
 from spikingjelly.activation_based import base, functional, neuron
 from torch import Tensor, nn
+from torch._dynamo import OptimizedModule  # torch.compile's wrapper; Lightning imports it from here too
 
 __all__ = [
     "Block",
@@ -36,6 +43,7 @@ __all__ = [
     "block_groups",
     "find_network",
     "observe",
+    "original",
 ]
 
 _WEIGHTED = (nn.modules.conv._ConvNd, nn.Linear)
@@ -126,11 +134,23 @@ class Partition:
         return len(self.layers) - 1
 
 
+def original(module: nn.Module) -> nn.Module:
+    """``module``, or the module ``torch.compile`` wrapped if it is a compiled one (an ``OptimizedModule``).
+
+    The original shares its sub-modules and parameters with the compiled wrapper, and calling the wrapper calls
+    it (compiled): hooks on the original and its sub-modules see every call of the wrapper.
+    """
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
 def find_network(container: nn.Module, name: str | None = None, exclude: Collection[str] = ()) -> tuple[str, nn.Module]:
     """Find the spiking network inside a LightningModule (or any module).
 
     The network is the one direct child that holds SpikingJelly neurons (children named in ``exclude``
-    aside), or the child called ``name``.
+    aside), or the child called ``name``. A compiled network (``self.net = torch.compile(net)``) is returned as
+    its :func:`original`, under the attribute name of the compiled one.
     """
     if name is not None:
         try:
@@ -141,10 +161,10 @@ def find_network(container: nn.Module, name: str | None = None, exclude: Collect
                 f"{type(container).__name__} has no sub-module {name!r} (its children: {children}). "
                 "Pass `network=` the attribute name of your SpikingJelly network."
             ) from None
-        return name, net
+        return name, original(net)
     spiking = [(n, m) for n, m in container.named_children() if n not in exclude and _has_neuron(m)]
     if len(spiking) == 1:
-        return spiking[0]
+        return spiking[0][0], original(spiking[0][1])
     if not spiking:
         raise PartitionError(
             f"{type(container).__name__} holds no SpikingJelly neuron (a module deriving from "
@@ -233,8 +253,12 @@ def observe(
     block) joins the layer before. Blocks group the hidden layers ``n`` at a time, the output layer
     closing the last block (:func:`block_groups`).
 
+    A compiled network is observed through its :func:`original`, with every compiled function run eagerly
+    (``torch.compiler.set_stance("force_eager")``): the probe compiles nothing, and the cuts name the original's
+    modules.
+
     Args:
-        net: the spiking network.
+        net: the spiking network (or ``torch.compile(net)``).
         n: hidden layers per block; ``None`` for one block (standard BPTT).
         args: positional inputs of one network call; ``kwargs`` its keyword inputs.
         slice_time: the first module the network calls (the *entry*) receives time-major data
@@ -245,6 +269,7 @@ def observe(
             parameter, or a parameter is shared by two blocks.
     """
     _check_n(n)
+    net = original(net)
     neurons = _check_spiking(net)
     calls: list[_Call] = []
     stack: list[_Call] = []
@@ -283,7 +308,9 @@ def observe(
     devices = sorted({p.device.index for p in net.parameters() if p.is_cuda})
     net.eval()
     try:
-        with torch.enable_grad(), torch.random.fork_rng(devices=devices):
+        # force_eager: compiled sub-modules (or net.compile() in place) would hide the calls the hooks record and
+        # the autograd graph the cuts are read from; the probe runs once, so compiling for it would only cost time
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
             result = net(*args, **(kwargs or {}))
     except PartitionError:
         raise
