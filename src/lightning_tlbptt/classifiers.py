@@ -1,20 +1,54 @@
-"""Local classifiers: the readout that gives every block but the last its own loss."""
+"""Local classifiers: the readout that gives every block but the last its own loss, and the rule that starts a
+spiking readout inside its surrogate window.
+
+A spiking readout learns only through its neurons' surrogate gradient, which is zero wherever the membrane stays
+outside a window around the threshold (the paper's rectangular surrogate, Eq. 6: ``|u - u_th| < a / 2``). At
+PyTorch's default initialization the mean input of some output neurons keeps their membrane far below threshold for
+every sample: they never fire and never learn, and their class is lost (``docs/results.md``, the first accuracy
+study). The cure is data-dependent: shift each output neuron's bias so that its mean input over one batch is the
+input that holds its membrane at threshold (:func:`threshold_input`, :func:`balance_bias`). The neurons then sit at
+the edge of firing, inside the window for the samples around the mean, and their weights start learning.
+
+:func:`threshold_input` is that input for a neuron's own dynamics. For a neuron with leak ``l`` per step towards its
+rest ``v_rest`` (``v_reset``, or 0 with the soft reset) and input gain ``g``, ``v <- v - l (v - v_rest) + g x``, a
+constant input settles the membrane at ``v_rest + g x / l``; the input whose steady membrane is the threshold is
+``x* = l (u_th - v_rest) / g``, the smallest constant input that ever makes the neuron fire (its rheobase):
+
+* ``LIFNode(tau, decay_input=False)`` (the paper's neuron, Eq. 1, ``tau = 1 / (1 - tau_p)``): ``l = 1 / tau``,
+  ``g = 1``, so ``x* = (u_th - v_rest) / tau = u_th (1 - tau_p)``;
+* ``LIFNode(tau, decay_input=True)``: ``l = g = 1 / tau``, so ``x* = u_th - v_rest``;
+* ``ParametricLIFNode``: as ``LIFNode`` with ``1 / tau = sigmoid(w)``, read when balancing;
+* ``IFNode``: no leak, ``l = 0``: any positive mean input eventually reaches the threshold and any negative one never
+  does, so ``x* = 0``.
+
+:class:`LocalClassifier` balances itself after its first training chunk (``balance=True``); the paper's classifier
+(:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`) balances its network's output layer the same way.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from spikingjelly.activation_based import neuron
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-__all__ = ["ClassifierKind", "LocalClassifier", "pooled_size", "readout_width"]
+__all__ = [
+    "ClassifierKind",
+    "LocalClassifier",
+    "balance_bias",
+    "pooled_size",
+    "readout_width",
+    "threshold_input",
+]
 
 ClassifierKind = Literal["trainable", "random"]
 """``"trainable"`` local classifiers, or ``"random"`` ones (fixed random weights, Mostafa et al. 2018)."""
@@ -42,6 +76,63 @@ def readout_width(shape: Sequence[int], pool: int | None) -> int:
     return math.prod(shape[:1]) * math.prod(pooled_size(shape[1:], pool))
 
 
+def threshold_input(node: nn.Module) -> float:
+    """The constant input that holds ``node``'s membrane at its threshold (its rheobase; see the module docstring).
+
+    Raises:
+        TypeError: ``node`` is not a ``LIFNode``, ``ParametricLIFNode`` or ``IFNode`` (or a subclass), whose
+            dynamics this rule knows.
+    """
+    if isinstance(node, neuron.ParametricLIFNode):
+        leak = float(torch.sigmoid(node.w.detach().float()))
+    elif isinstance(node, neuron.LIFNode):
+        leak = 1.0 / float(node.tau)
+    elif isinstance(node, neuron.IFNode):
+        return 0.0  # no leak: the edge between firing and silence is a zero mean input
+    else:
+        raise TypeError(
+            f"cannot tell which input holds a {type(node).__name__}'s membrane at threshold: the rule knows LIFNode, "
+            "ParametricLIFNode and IFNode (and their subclasses). Pass balance=False (the readout keeps PyTorch's "
+            "initialization), or balance the bias yourself with balance_bias(linear, node, current) on a neuron it "
+            "knows."
+        )
+    gain = leak if node.decay_input else 1.0
+    rest = 0.0 if node.v_reset is None else float(node.v_reset)
+    return leak * (float(node.v_threshold) - rest) / gain
+
+
+@torch.no_grad()
+def balance_bias(linear: nn.Linear, node: nn.Module, current: Tensor) -> Tensor:
+    """Shift ``linear``'s bias so that the mean of ``current`` per output is ``threshold_input(node)``.
+
+    ``current`` is what ``linear`` computed on one batch, the input of ``node`` (``[..., out_features]``); its mean
+    over every other axis (samples and time steps) is averaged over the ranks when ``torch.distributed`` is
+    initialised, so every rank sets the same bias. Whatever the bias was, the mean input afterwards is the threshold
+    input: balancing again on another batch re-centres, it does not add up. Returns the shift, ``[out_features]``.
+
+    Raises:
+        ValueError: ``linear`` has no bias, or ``current``'s last axis is not its output width.
+    """
+    if linear.bias is None:
+        raise ValueError(
+            f"{type(linear).__name__}(bias=False) has no bias to balance: build it with bias=True, or turn balancing "
+            "off (balance=False)."
+        )
+    width = linear.bias.shape[0]
+    if current.dim() == 0 or current.shape[-1] != width:
+        raise ValueError(
+            f"balance_bias got a current of shape {list(current.shape)} for a layer of {width} outputs: pass the "
+            f"layer's own output, [..., {width}]."
+        )
+    flat = current.detach().reshape(-1, width).double()
+    totals = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)  # sums and counts: ranks with different batch sizes weigh by their samples
+    shift = threshold_input(node) - totals[:-1] / totals[-1].clamp_min(1)
+    linear.bias.add_(shift.to(linear.bias))
+    return shift.to(linear.bias)
+
+
 class LocalClassifier(nn.Module):
     """Flatten -> Linear -> spiking neuron, applied to a block's output over a chunk.
 
@@ -54,6 +145,17 @@ class LocalClassifier(nn.Module):
     (identically on every rank, reproducibly for ``kind="random"``). Random classifiers are frozen and
     still stored in checkpoints.
 
+    With ``balance`` (the default), the readout starts at its threshold: its first training chunk (the forwards that
+    run in training mode with gradients enabled up to their backward; not a no-grad probe such as the strategy's setup
+    call, nor evaluation) measures the linear layer's mean output, and the next training forward first shifts the
+    bias so that this mean holds the neuron's membrane at threshold (:func:`balance_bias`, averaged over ranks under
+    ``torch.distributed``). The measurement spans the whole chunk, not only the first call: under the strategy's time
+    slices (``slice_bytes``) the first call is one step, whose block output is far from the chunk's mean, and a
+    balance that depended on how a chunk is sliced would train differently with and without slices. A random readout
+    gets the same start: its bias is set, then stays frozen. The buffer ``balanced`` records that it happened; it is
+    in the ``state_dict`` (so in the strategy's checkpoints), and a classifier loaded from one is not balanced again.
+    A state_dict saved before this buffer existed loads as balanced: that readout has trained already.
+
     Args:
         num_classes: output width.
         template: a neuron of the network; the classifier's neuron is a fresh copy of it, so the
@@ -61,6 +163,8 @@ class LocalClassifier(nn.Module):
         kind: ``"trainable"`` or ``"random"`` (fixed random weights, Mostafa et al. 2018).
         pool: bound per spatial axis before flattening.
         seed: seed of the initial weights.
+        balance: start the readout at its threshold after its first training chunk (above). A neuron whose dynamics
+            :func:`threshold_input` does not know turns it off, with a warning.
     """
 
     def __init__(
@@ -70,6 +174,7 @@ class LocalClassifier(nn.Module):
         kind: ClassifierKind = "trainable",
         pool: int = 4,
         seed: int = 0,
+        balance: bool = True,
     ) -> None:
         super().__init__()
         if kind not in ("trainable", "random"):
@@ -87,6 +192,16 @@ class LocalClassifier(nn.Module):
             self.linear.weight = UninitializedParameter(requires_grad=False)
             self.linear.bias = UninitializedParameter(requires_grad=False)
             self.neuron.requires_grad_(False)  # e.g. ParametricLIFNode's decay `w`: frozen means every parameter
+        if balance:
+            try:
+                threshold_input(self.neuron)
+            except TypeError as err:
+                warnings.warn(f"LocalClassifier keeps its default initialization: {err}", stacklevel=2)
+                balance = False
+        self.balance = balance
+        self.register_buffer("balanced", torch.tensor(False))
+        self._first_chunk: list[Tensor] = []  # the linear layer's outputs while the first chunk runs
+        self._first_chunk_done = False  # its backward has run: the next training forward balances
 
     def forward(self, x_seq: Tensor) -> Tensor:
         k, b = x_seq.shape[:2]
@@ -108,7 +223,56 @@ class LocalClassifier(nn.Module):
             with torch.no_grad(), torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
                 self.linear(x)
             self._init_from_seed()
-        return self.neuron(self.linear(x).unflatten(0, (k, b)))
+        measuring = self.balance and self.training and torch.is_grad_enabled() and not self._is_balanced()
+        if measuring and self._first_chunk_done:
+            with torch.no_grad():
+                balance_bias(self.linear, self.neuron, torch.cat(self._first_chunk))
+                self.balanced.fill_(True)
+            self._first_chunk, self._first_chunk_done = [], False
+            measuring = False
+        current = self.linear(x)
+        if measuring:
+            self._first_chunk.append(current.detach())
+            if current.requires_grad:
+                current.register_hook(self._end_first_chunk)
+            else:  # no backward will come: the chunk ends with this call
+                self._first_chunk_done = True
+        return self.neuron(current.unflatten(0, (k, b)))
+
+    def _end_first_chunk(self, grad: Tensor) -> None:
+        # the chunk's backward: every call of the chunk, each of its time slices included, has run forward
+        self._first_chunk_done = True
+
+    def _is_balanced(self) -> bool:
+        """``balanced``, read from the device only when the buffer changed since the last read.
+
+        Reading a CUDA tensor's value waits for the device; this runs on every training chunk. Anything that writes
+        the buffer (balancing, ``load_state_dict``, a restore with ``copy_``, DDP's buffer broadcast, ``.to()``)
+        gives a new tensor or bumps its version counter, and only then is it read again.
+        """
+        flag = self.balanced
+        seen = self.__dict__.get("_balanced_seen")
+        if seen is None or seen[0] is not flag or seen[1] != flag._version:
+            seen = (flag, flag._version, bool(flag))
+            self.__dict__["_balanced_seen"] = seen
+        return seen[2]
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # a readout saved before `balanced` existed has trained already: balancing it now would move a learnt bias
+        state_dict.setdefault(prefix + "balanced", torch.tensor(True))
+        self._first_chunk, self._first_chunk_done = [], False
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @torch.no_grad()
     def _init_from_seed(self) -> None:
