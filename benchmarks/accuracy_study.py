@@ -2,10 +2,14 @@
 
 Every run trains the paper's spiking LeNet-1 (``PaperClassifier``, Table 2) with the paper's recipe (Sec. 4.1,
 Table 1): SGD with momentum 0.9 on the MSE of the output firing rates, dropout after each conv/FC layer, the
-learning rate halved every fifth of the epochs (``StepLR``), and the learning rate scaled linearly to the batch
-size used from the paper's EMNIST column (batch 1,024): ``lr = lr_1024 * batch / 1024``. Settings: plain BPTT,
-``TruncatedLocalBPTT(k, n)`` at (10, 1), (5, 2), (2, 1) with trainable local classifiers, and (5, 2) with random
-(frozen) ones. All settings of one seed start from the same initial weights and see the same batches (paired).
+learning rate halved every fifth of the epochs (``StepLR``), and the package's defaults on top, which this study
+found: the learning rate scaled linearly to the batch from the paper's EMNIST column (batch 1,024),
+``lr = 0.4 * batch / 1024`` (``paper_setting``), and the output layer's bias balanced from one batch
+(``PaperClassifier(balance_output=True)``; ``--init default`` turns it off). The strategy's local readouts start
+balanced too (``LocalClassifier(balance=True)``, the default since the third run of this study). Settings: plain
+BPTT, ``TruncatedLocalBPTT(k, n)`` at (10, 1), (5, 2), (2, 1) with trainable local classifiers, and (5, 2) with
+random (frozen) ones. All settings of one seed start from the same initial weights and see the same batches
+(paired).
 
 Runs go to a pool of worker processes (default 2, one torch thread each); the parent writes one CSV row per
 finished run (``--out``) and its per-epoch validation curve (``--curves``), so a killed study resumes where it
@@ -54,7 +58,7 @@ DATASET_NAMES = {"mnist5k": "MNIST-5k", "event_mnist": "EventMNIST"}
 
 FIELDS = [
     "dataset", "setting", "k", "n", "classifier", "seed", "epochs", "T", "batch_size", "lr", "dropout", "init",
-    "val_acc", "best_val_acc", "final_train_acc", "peak_bytes", "saved_activation_bytes", "state_bytes",
+    "readouts", "val_acc", "best_val_acc", "final_train_acc", "peak_bytes", "saved_activation_bytes", "state_bytes",
     "seconds", "seconds_per_epoch", "optimizer_steps", "finished_utc",
 ]  # fmt: skip
 CURVE_FIELDS = ["dataset", "setting", "seed", "epoch", "val_acc", "train_acc", "train_loss", "lr"]
@@ -133,10 +137,9 @@ def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
             "dropout": job["dropout"],
             "lr_step_epochs": step_epochs,
             "lr_gamma": 0.5,
+            "balance_output": job["balance"],
         }
     )
-    if job["balance"]:
-        balance_output_bias(model, data, setting)
     cfg = SETTINGS[name]
     strategy: str | TruncatedLocalBPTT = "auto"
     if cfg is not None:
@@ -161,6 +164,7 @@ def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
         "lr": job["lr"],
         "dropout": job["dropout"],
         "init": "balanced" if job["balance"] else "default",
+        "readouts": "" if cfg is None else "balanced",  # LocalClassifier's default
         "val_acc": result.val_acc,
         "best_val_acc": max(c["val_acc"] for c in curve),
         "final_train_acc": curve[-1]["train_acc"],
@@ -173,36 +177,6 @@ def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
         "finished_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
     }
     return row, curve
-
-
-def balance_output_bias(model: Any, data: Any, setting: dict[str, Any]) -> None:
-    """Data-dependent init of the output layer's bias: each output neuron starts at its threshold on average.
-
-    With the rectangular surrogate (Eq. 6) a neuron whose membrane never comes within ``a / 2`` of the threshold
-    gets no gradient at all. At PyTorch's default init some output neurons sit there for every input (seed 0:
-    class 4's mean input is -0.17, its membrane settles near -1.7), never fire, never learn, and their class is
-    lost for the whole run, in BPTT as in every truncated setting (``accuracy_study_unbalanced.csv``: the
-    runs near 85 %). The steady membrane of ``u <- tau_p * u + x`` is ``x / (1 - tau_p)``; the bias is shifted
-    so that each output neuron's mean input over one training batch is ``u_th * (1 - tau_p)``, which holds its
-    membrane at the threshold. The weights and every other layer keep PyTorch's init. The batch is drawn
-    under a forked RNG, so every setting of a seed still sees the same batches.
-    """
-    import torch
-    from spikingjelly.activation_based import functional
-
-    last = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)][-1]
-    seen: list[torch.Tensor] = []
-    handle = last.register_forward_hook(lambda _m, _a, out: seen.append(out.detach()))
-    data.setup("fit")
-    with torch.random.fork_rng(), torch.no_grad():
-        x, _ = next(iter(data.train_dataloader()))
-        model.eval()
-        model(x)
-        model.train()
-        handle.remove()
-        functional.reset_net(model)
-        mean_input = seen[0].flatten(0, -2).mean(0)  # [T, B, C] -> [C]
-        last.bias += setting["u_th"] * (1 - setting["tau_p"]) - mean_input
 
 
 def per_class(model: Any, data: Any) -> None:
@@ -290,8 +264,11 @@ def _check_recipe(rows: Sequence[dict[str, str]], args: argparse.Namespace) -> N
         "init": args.init,
     }
     for row in rows:
-        wanted = {**asked, "epochs": str(args.epochs[row["dataset"]])}
-        wrong = {key: (row[key], value) for key, value in wanted.items() if row[key] != value}
+        bptt = row["setting"] == "BPTT"
+        wanted = {**asked, "epochs": str(args.epochs[row["dataset"]]), "readouts": "" if bptt else "balanced"}
+        # rows from before the readouts were balanced have no such column: their readouts had the default init
+        had = {**row, "readouts": row.get("readouts", "" if bptt else "default")}
+        wrong = {key: (had[key], value) for key, value in wanted.items() if had[key] != value}
         if wrong:
             differences = ", ".join(f"{key} {had} (asked {value})" for key, (had, value) in wrong.items())
             raise SystemExit(
@@ -474,12 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs-event", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
-        "--lr-1024", type=float, default=0.4, help="learning rate at batch 1,024 (paper's EMNIST range 0.2-0.5)"
-    )
+        "--lr", type=float, default=None,
+        help="learning rate; default: the package's recipe scaled to --batch-size (paper_setting: 0.4 * batch / 1024)",
+    )  # fmt: skip
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument(
         "--init", choices=["balanced", "default"], default="balanced",
-        help="output-layer bias: balanced from one batch (see balance_output_bias) or PyTorch's default",
+        help="output-layer bias: balanced from one batch (PaperClassifier's balance_output) or PyTorch's default",
     )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--limit-train-batches", type=int, default=0, help="0: the whole training set")
@@ -495,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     args.epochs = {"mnist5k": args.epochs_mnist, "event_mnist": args.epochs_event}
-    args.lr = args.lr_1024 * args.batch_size / 1024  # the paper's learning rate scaled to the batch
+    if args.lr is None:  # the package's recipe: the paper's EMNIST learning rate scaled to the batch
+        from lightning_tlbptt.paper import paper_setting
+
+        args.lr = paper_setting("mnist5k", batch_size=args.batch_size)["lr"]
     if args.report:
         return report(args)
     if args.diagnose:
