@@ -15,7 +15,7 @@ Two tables:
    whole network with gradients, to cut it into blocks), and speed; ratios are unpacked over packed (memory: times
    less; speed: above 1 is faster).
 2. **Kernel masks.** One LIF layer of the workload (``[k, B, 64, 8, 8]``, the AlexNet benchmark's second layer over
-   one chunk) through ``RectLIFFunction`` with its masks saved as int8 bytes and as bits: saved bytes, forward and
+   one chunk) through ``LIFFunction`` with its masks saved as int8 bytes and as bits: saved bytes, forward and
    backward time, interleaved repetitions.
 
 Writes ``packing_<network>[_quick][_<device>].csv`` and ``packing_kernel[_quick][_<device>].csv`` to ``--out``
@@ -36,7 +36,7 @@ import torch
 from spikingjelly.activation_based import functional
 
 from lightning_tlbptt import SavedTensorsMeter
-from lightning_tlbptt.neurons import RectLIFFunction, accelerate
+from lightning_tlbptt.neurons import accelerate
 from lightning_tlbptt.paper import PaperNeuron
 
 NETWORK_COLUMNS = (
@@ -169,22 +169,17 @@ def kernel_rows(args: argparse.Namespace, device: torch.device, setup: str) -> l
     shape = (w.settings[0][0], w.batch, 64, 8, 8)
     repeats = args.repeats or (3 if args.quick else 11)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).mul_(0.5).to(device)
-    node = PaperNeuron(tau_p=0.8, u_th=0.4).make().to(device)
-    accelerate(node)
+    nodes = {bits: PaperNeuron(tau_p=0.8, u_th=0.4).make().to(device) for bits in (False, True)}
+    for bits, node in nodes.items():
+        accelerate(node, bits=bits)
     times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     saved = {}
-    default = RectLIFFunction.bits
-    try:
-        for bits in (False, True):  # warm-up
-            RectLIFFunction.bits = bits
-            _layer_step(node, x, device)
-            saved[bits] = _layer_saved(node, x)
-        for _ in range(repeats):
-            for bits in (False, True):
-                RectLIFFunction.bits = bits
-                times[bits].append(_layer_step(node, x, device))
-    finally:
-        RectLIFFunction.bits = default
+    for bits, node in nodes.items():  # warm-up
+        _layer_step(node, x, device)
+        saved[bits] = _layer_saved(node, x)
+    for _ in range(repeats):
+        for bits, node in nodes.items():
+            times[bits].append(_layer_step(node, x, device))
     rows = []
     for bits in (False, True):
         forward = statistics.median(t[0] for t in times[bits])
@@ -206,7 +201,7 @@ def kernel_rows(args: argparse.Namespace, device: torch.device, setup: str) -> l
     total = [r["forward_ms"] + r["backward_ms"] for r in rows]
     for row, t in zip(rows, total, strict=True):
         row["speed_ratio"] = total[0] / t
-    print(f"\none PaperNeuron(tau_p=0.8, u_th=0.4) layer through RectLIFFunction, {repeats} interleaved repetitions")
+    print(f"\none PaperNeuron(tau_p=0.8, u_th=0.4) layer through LIFFunction, {repeats} interleaved repetitions")
     print(H.format_table(rows, KERNEL_COLUMNS))
     print("x less and speed: int8 row over bits row")
     return rows

@@ -1,4 +1,5 @@
-"""The Rect LIF kernel against SpikingJelly's own LIFNode: same spikes, same gradients, less saved memory."""
+"""The neuron kernel against SpikingJelly's own IF, LIF and ParametricLIF nodes: same spikes, same gradients, less
+saved memory."""
 
 from __future__ import annotations
 
@@ -12,54 +13,83 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, native
-from lightning_tlbptt.neurons import RectLIFFunction, accelerate, is_accelerated, restore, supports
+from lightning_tlbptt.neurons import accelerate, is_accelerated, restore, supports
 
 from snn_fixtures import GradRecorder, conv_net, event_batches
 
-CONFIGS = [
-    dict(tau=tau, decay_input=decay, v_threshold=0.5, v_reset=reset, detach_reset=detach)
-    for tau, decay, reset, detach in itertools.product((2.0, 5.0), (True, False), (None, 0.0, -0.2), (True, False))
+#: every neuron x reset (soft, hard at 0 and below) x decay_input (IF has none) x detach_reset
+NEURONS = [
+    dict(kind=kind, v_reset=reset, decay_input=decay, detach_reset=detach)
+    for kind, reset, decay, detach in itertools.product(
+        ("if", "lif", "plif"), (None, 0.0, -0.2), (True, False), (True, False)
+    )
+    if kind != "if" or decay
 ]
+#: every surrogate the kernel knows, at SpikingJelly's default alpha (Rect at the paper networks' 2.0)
+SURROGATES = {
+    "atan": surrogate.ATan,
+    "sigmoid": surrogate.Sigmoid,
+    "rect": lambda: surrogate.Rect(alpha=2.0),
+    "piecewise_quadratic": surrogate.PiecewiseQuadratic,
+    "piecewise_exp": surrogate.PiecewiseExp,
+    "soft_sign": surrogate.SoftSign,
+    "super_spike": surrogate.SuperSpike,
+    "erf": surrogate.Erf,
+}
+
+
+def _node(kind: str = "lif", function: str = "rect", decay_input: bool = True, **kwargs) -> neuron.BaseNode:
+    """A multi-step SpikingJelly neuron; LIF at tau = 3 and ParametricLIF from tau = 3, so that the decay rounds."""
+    kwargs = dict(v_threshold=0.5, surrogate_function=SURROGATES[function](), step_mode="m") | kwargs
+    if kind == "if":
+        return neuron.IFNode(**kwargs)
+    if kind == "lif":
+        return neuron.LIFNode(tau=kwargs.pop("tau", 3.0), decay_input=decay_input, **kwargs)
+    return neuron.ParametricLIFNode(init_tau=3.0, decay_input=decay_input, **kwargs)
 
 
 def _lif(alpha: float = 2.0, **kwargs) -> neuron.LIFNode:
     return neuron.LIFNode(surrogate_function=surrogate.Rect(alpha=alpha), step_mode="m", **kwargs)
 
 
-def _run(node: neuron.LIFNode, x: torch.Tensor, w: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Two calls carrying the state in one graph (as a chunk after a chunk), a loss on spikes and final voltage."""
+def _run(node: neuron.BaseNode, x: torch.Tensor, w: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Two calls carrying the state in one graph (as a chunk after a chunk), a loss on spikes and final voltage.
+    Returns the spikes and final voltage, and the gradients of ``x`` and, for ParametricLIF, of ``w``."""
     x = x.clone().requires_grad_()
     first = node(x)
     second = node(0.7 * x)
     loss = (first * w).sum() + (second * w.flip(0)).sum() + 0.3 * node.v.sum()
     loss.backward()
-    return [first, second, node.v.detach()], x.grad
+    return [first, second, node.v.detach()], [x.grad, *([node.w.grad] if hasattr(node, "w") else [])]
 
 
 @pytest.mark.parametrize("path", ["torch", "torch-blocks-of-3", "c"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config, path, monkeypatch):
-    """The torch path also in blocks of 3 steps: 7 = 3 + 3 + 1, and 63 neurons a step, so a block's bits do not end
-    on a byte; the compiled C loops (lightning_tlbptt.native) on 72 neurons a step (whole bytes of bits)."""
-    monkeypatch.setattr(RectLIFFunction, "native", path == "c")
-    if path == "torch-blocks-of-3":
-        monkeypatch.setattr(RectLIFFunction, "block_bytes", 3 * 63 * 4)
+@pytest.mark.parametrize("function", SURROGATES)
+@pytest.mark.parametrize("config", NEURONS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_spikes_bit_identical_and_gradients_equal_spikingjelly(config, function, path, monkeypatch):
+    """Against SpikingJelly's own multi-step loop on the CPU. The torch path also in blocks of 3 steps: 7 = 3 + 3 + 1,
+    and 63 neurons a step, so a block's bits do not end on a byte; the compiled C loops (lightning_tlbptt.native)
+    on 72 neurons a step for Rect (whole bytes of bits) and 63 for the others (no bits)."""
     if path == "c" and not native.available():
         pytest.skip("no C compiler here: the C loops are not built")
     calls = _count_native_calls(monkeypatch)
     torch.manual_seed(0)
-    x = torch.randn(7, 3, 24 if path == "c" else 21) * 0.8
+    x = torch.randn(7, 3, 24 if path == "c" and function == "rect" else 21) * 0.8
     w = torch.randn(x.shape)
-    reference, fast = _lif(**config), _lif(**config)
-    assert accelerate(fast) == [fast] and accelerate(reference) == [reference]
+    reference, fast = _node(function=function, **config), _node(function=function, **config)
+    block_bytes = 3 * 63 * 4 if path == "torch-blocks-of-3" else 1 << 20
+    assert accelerate(fast, native=path == "c", block_bytes=block_bytes) == [fast]
+    assert accelerate(reference) == [reference]
     restore(reference)
-    ref_out, ref_grad = _run(reference, x, w)
-    fast_out, fast_grad = _run(fast, x, w)
+    ref_out, ref_grads = _run(reference, x, w)
+    fast_out, fast_grads = _run(fast, x, w)
     assert calls == ({"forward": 2, "backward": 2} if path == "c" else {})
     for a, b in zip(ref_out, fast_out, strict=True):
         assert torch.equal(a, b)
-    assert ref_out[0].sum() > 0 and ref_grad.abs().sum() > 0  # the comparison is not between zeros
-    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert ref_out[0].sum() > 0  # the comparison is not between zeros
+    for ours, theirs in zip(fast_grads, ref_grads, strict=True):  # x's, and ParametricLIF's w
+        assert theirs.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
 def _count_native_calls(monkeypatch) -> dict[str, int]:
@@ -78,7 +108,7 @@ def _count_native_calls(monkeypatch) -> dict[str, int]:
     return calls
 
 
-def _grad_through(node: neuron.LIFNode, x: torch.Tensor, consume) -> tuple[torch.Tensor, dict[str, int]]:
+def _grad_through(node: neuron.BaseNode, x: torch.Tensor, consume) -> tuple[torch.Tensor, dict[str, int]]:
     """``x``'s gradient through ``node`` and ``consume(spikes)``; data pointers of the two gradients at the node."""
     functional.reset_net(node)
     x = x.clone().requires_grad_()
@@ -117,13 +147,14 @@ def test_backward_overwrites_an_exclusive_gradient_and_never_a_shared_one():
     assert torch.equal(leaf.grad, 3.0 * upstream) and ptrs["x"] != ptrs["spikes"]
 
 
-def test_gradient_reaches_an_initial_voltage_that_requires_grad():
+@pytest.mark.parametrize(("kind", "function"), [("lif", "rect"), ("plif", "atan"), ("if", "sigmoid")])
+def test_gradient_reaches_an_initial_voltage_that_requires_grad(kind, function):
     torch.manual_seed(1)
     x = torch.randn(5, 4, 6)
     start = torch.rand(4, 6) * 0.3
     grads = []
     for accelerated in (False, True):
-        node = _lif(tau=3.0, decay_input=False, v_reset=None, v_threshold=0.4)
+        node = _node(kind, function, decay_input=False, v_reset=None, v_threshold=0.4)
         if accelerated:
             accelerate(node)
         v0 = start.clone().requires_grad_()
@@ -134,42 +165,53 @@ def test_gradient_reaches_an_initial_voltage_that_requires_grad():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
-def test_saves_a_32nd_of_what_spikingjelly_saves():
+@pytest.mark.parametrize(
+    ("kind", "function", "floats", "bits"),
+    [
+        ("lif", "rect", 0, 1),
+        ("lif", "atan", 1, 0),
+        ("if", "sigmoid", 1, 0),
+        ("plif", "rect", 1, 1),
+        ("plif", "atan", 2, 0),
+    ],
+)
+def test_saves_a_bit_for_rect_a_float_for_the_others_and_less_than_spikingjelly(kind, function, floats, bits):
+    """Soft reset: Rect saves its window, one bit per neuron-step; any other surrogate the float h; ParametricLIF
+    adds dh/dq as a float. SpikingJelly saves at least h - v_threshold as a float, and more for ParametricLIF."""
     x = (torch.randn(10, 32, 64) * 0.6).requires_grad_()
     saved = []
     for accelerated in (False, True):
-        node = _lif(tau=5.0, decay_input=False, v_reset=None, v_threshold=0.5)
+        node = _node(kind, function, decay_input=False, v_reset=None, v_threshold=0.5)
         if accelerated:
             accelerate(node)
         with SavedTensorsMeter() as meter:
             node(x).sum().backward()
         saved.append(meter.peak_bytes)
-    # SpikingJelly: one float (h - v_threshold) per neuron-step; the kernel: one bit
-    assert saved[1] == x.numel() // 8
-    assert saved[1] * 32 <= saved[0]
+    sigmoid = 4 if kind == "plif" else 0  # q = sigmoid(w), which autograd keeps for w's gradient
+    assert saved[1] == x.numel() * (4 * floats + bits / 8) + sigmoid
+    assert saved[1] * (32 if function == "rect" and kind == "lif" else 1) <= saved[0]
 
 
-@pytest.mark.parametrize("config", CONFIGS[::3], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_masks_as_bits_or_bytes_give_the_same_bits(config, monkeypatch):
-    """Masks saved as bits (default) or as int8 bytes: same spikes, same gradients bit for bit, 8x less saved."""
+@pytest.mark.parametrize(
+    "config", NEURONS[1::4], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items())
+)  # IF, LIF and ParametricLIF; soft and hard; detached and not
+def test_masks_as_bits_or_bytes_give_the_same_bits(config):
+    """Rect's masks saved as bits (default) or as int8 bytes: same spikes, same gradients bit for bit, 8x less
+    saved."""
     grads = []
     for bits in (False, True):  # in blocks of 4 steps (6 = 4 + 2), whose bits do not end on a byte
         torch.manual_seed(2)
-        monkeypatch.setattr(RectLIFFunction, "bits", bits)
-        monkeypatch.setattr(RectLIFFunction, "block_bytes", 4 * 39 * 4)
-        node = _lif(**config)
-        accelerate(node)
+        node = _node(**config)
+        accelerate(node, bits=bits, block_bytes=4 * 39 * 4)
         grads.append(_run(node, torch.randn(6, 3, 13) * 0.8, torch.randn(6, 3, 13))[1])
-    assert torch.equal(grads[0], grads[1]) and grads[1].abs().sum() > 0
-    monkeypatch.setattr(RectLIFFunction, "block_bytes", 1 << 20)  # one block for the rest
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True)) and grads[1][0].abs().sum() > 0
     torch.manual_seed(2)
     x = torch.randn(6, 3, 13) * 0.8  # 39 neurons: the last byte of bits is padded
     w = torch.randn(6, 3, 13)
     results, saved = [], []
-    for bits in (False, True):
-        monkeypatch.setattr(RectLIFFunction, "bits", bits)
-        node = _lif(**config)
-        accelerate(node)
+    for bits in (False, True):  # one block
+        node = _node(**config)
+        accelerate(node, bits=bits)
         results.append(_run(node, x, w))
         functional.reset_net(node)
         with SavedTensorsMeter() as meter:
@@ -177,25 +219,51 @@ def test_masks_as_bits_or_bytes_give_the_same_bits(config, monkeypatch):
         saved.append(meter.current_bytes)
     (out_bytes, grad_bytes), (out_bits, grad_bits) = results
     assert all(torch.equal(a, b) for a, b in zip(out_bytes, out_bits, strict=True))
-    assert torch.equal(grad_bytes, grad_bits) and grad_bits.abs().sum() > 0
+    assert all(torch.equal(a, b) for a, b in zip(grad_bytes, grad_bits, strict=True))
+    assert grad_bits[0].abs().sum() > 0
     masks = 1 if config["v_reset"] is None else 2  # the window, and for a hard reset the spikes
     floats = 0 if config["v_reset"] is None or config["detach_reset"] else x.numel() * 4  # h, for a hard reset
+    floats += x.numel() * 4 + 4 if config["kind"] == "plif" else 0  # dh/dq, and sigmoid(w) for w's gradient
     assert saved == [masks * x.numel() + floats, masks * 30 + floats]  # 6 x 39 = 234 bits in one block: 30 bytes
+
+
+class _OwnStep(neuron.LIFNode):
+    def multi_step_forward(self, x_seq, *args, **kwargs):
+        return super().multi_step_forward(x_seq, *args, **kwargs)
 
 
 @pytest.mark.parametrize(
     ("node", "reason"),
     [
-        (neuron.LIFNode(surrogate_function=surrogate.Sigmoid(), step_mode="m"), "not surrogate.Rect"),
-        (neuron.IFNode(surrogate_function=surrogate.Rect(), step_mode="m"), "not a LIFNode"),
+        (neuron.LIFNode(surrogate_function=surrogate.PiecewiseLeakyReLU(), step_mode="m"), "no derivative formula"),
         (neuron.LIFNode(surrogate_function=surrogate.Rect(), store_v_seq=True, step_mode="m"), "store_v_seq"),
-        (neuron.LIFNode(surrogate_function=surrogate.Rect(spiking=False), step_mode="m"), "not surrogate.Rect"),
-        (neuron.ParametricLIFNode(surrogate_function=surrogate.Rect(), step_mode="m"), "not a LIFNode"),
+        (neuron.IFNode(surrogate_function=surrogate.ATan(spiking=False), step_mode="m"), "not spiking"),
+        (neuron.LIFNode(surrogate_function=surrogate.Sigmoid(alpha=torch.tensor(4.0)), step_mode="m"), "alpha"),
+        (neuron.ParametricLIFNode(step_mode="m").double(), "not a float32 scalar"),
+        (_OwnStep(step_mode="m"), "overrides LIFNode's step functions"),
+        (torch.nn.ReLU(), "not an IFNode, LIFNode or ParametricLIFNode"),
     ],
 )
 def test_unsupported_neurons_are_left_to_spikingjelly(node, reason):
     assert reason in supports(node)
     assert accelerate(node) == [] and not is_accelerated(node)
+
+
+def test_default_neurons_of_each_kind_are_supported():
+    """SpikingJelly's defaults (Sigmoid surrogate, hard reset to 0) and its most used surrogate (ATan)."""
+    for node in (
+        neuron.IFNode(),
+        neuron.LIFNode(),
+        neuron.ParametricLIFNode(),
+        neuron.LIFNode(surrogate_function=surrogate.ATan()),
+    ):
+        assert supports(node) is None
+
+
+@pytest.mark.parametrize("block_bytes", [0, -1, 1.5, True])
+def test_a_block_of_no_bytes_is_refused_with_the_value(block_bytes):
+    with pytest.raises(ValueError, match=rf"block_bytes={block_bytes!r}.*positive int"):
+        accelerate(_lif(), block_bytes=block_bytes)
 
 
 def test_restore_hands_back_spikingjelly_and_single_step_is_untouched():
@@ -261,7 +329,9 @@ class _SeesKernel(L.Callback):
 def test_strategy_trains_with_the_kernel_and_hands_the_network_back(make_trainer):
     seen, recorder = _SeesKernel(), GradRecorder()
     module = _fit(True, [seen, recorder], make_trainer)
-    assert seen.accelerated == [True, True]  # two batches, two chunks each
+    # two batches, two chunks each: installed by the second batch at the latest (the strategy may install it while it
+    # probes the network on the first)
+    assert len(seen.accelerated) == 2 and seen.accelerated[-1]
     assert not any(is_accelerated(m) for m in module.modules())
 
     seen_off, recorder_off = _SeesKernel(), GradRecorder()

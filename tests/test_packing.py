@@ -70,7 +70,7 @@ def test_gradients_bit_identical_with_and_without_packing(function, fast):
     for pack in (False, True):
         net = _net(function)
         if fast:
-            accelerate(net)  # installs the kernel for Rect only; ATan keeps SpikingJelly's path
+            accelerate(net)  # installs the kernel for both surrogates
         runs.append(_train_step(net, x, pack, mark_input=True))
     plain, packed = runs
     assert torch.equal(plain["out"], packed["out"])

@@ -39,10 +39,13 @@ static inline void unpack8(uint8_t byte, float *out) {
     for (int j = 0; j < 8; j++) out[j] = (float)((byte >> j) & 1);
 }
 
-/* lever (PLIF only): dh/dq with decay_input (x - (v - v_reset)); without, v - v_reset (dh/dq is its negative). */
-void lif_forward(const float *x, float *spike, float *v, float *h_seq, float *lever, uint8_t *window, uint8_t *fired,
-                 int64_t steps, int64_t numel, int64_t begin, int64_t end, int charge, float decay, int decay_input,
-                 float v_threshold, int hard, float v_reset, float half_width) {
+/* One charge's forward loop: inlined with a constant charge into lif_forward, so that each loop body is free of the
+ * other charges' operations (a division the compiler may not evaluate speculatively keeps a loop from vectorizing).
+ * lever (PLIF only): dh/dq with decay_input (x - (v - v_reset)); without, v - v_reset (dh/dq is its negative). */
+static inline __attribute__((always_inline)) void forward_loop(
+    const int charge, const float *x, float *spike, float *v, float *h_seq, float *lever, uint8_t *window,
+    uint8_t *fired, int64_t steps, int64_t numel, int64_t begin, int64_t end, float decay, int decay_input,
+    float v_threshold, int hard, float v_reset, float half_width) {
     uint8_t in_window[TILE], fired_now[TILE];
     for (int64_t lo = begin; lo < end; lo += TILE) {
         int64_t n = end - lo < TILE ? end - lo : TILE;
@@ -65,7 +68,7 @@ void lif_forward(const float *x, float *spike, float *v, float *h_seq, float *le
                 float s = h >= v_threshold ? 1.0f : 0.0f;
                 st[i] = s;
                 if (ht) ht[i] = h;
-                if (lt) lt[i] = decay_input ? xt[i] - relative : relative;
+                if (charge == CHARGE_PLIF && lt) lt[i] = decay_input ? xt[i] - relative : relative;
                 in_window[i] = fabsf(h - v_threshold) < half_width;
                 fired_now[i] = (uint8_t)s;
                 vt[i] = hard ? s * v_reset + (1.0f - s) * h : h - s * v_threshold;
@@ -77,6 +80,21 @@ void lif_forward(const float *x, float *spike, float *v, float *h_seq, float *le
                 for (int64_t j = 0; j < n / 8; j++) fired[byte + j] = pack8(fired_now + 8 * j);
         }
     }
+}
+
+void lif_forward(const float *x, float *spike, float *v, float *h_seq, float *lever, uint8_t *window, uint8_t *fired,
+                 int64_t steps, int64_t numel, int64_t begin, int64_t end, int charge, float decay, int decay_input,
+                 float v_threshold, int hard, float v_reset, float half_width) {
+#define FORWARD(CHARGE)                                                                                              \
+    forward_loop(CHARGE, x, spike, v, h_seq, lever, window, fired, steps, numel, begin, end, decay, decay_input,     \
+                 v_threshold, hard, v_reset, half_width)
+    if (charge == CHARGE_IF)
+        FORWARD(CHARGE_IF);
+    else if (charge == CHARGE_LIF)
+        FORWARD(CHARGE_LIF);
+    else
+        FORWARD(CHARGE_PLIF);
+#undef FORWARD
 }
 
 /* The surrogate's derivative at h - v_threshold, as spikingjelly._ops.surrogate._surrogate_gradient computes it
@@ -136,13 +154,15 @@ static void slopes(int surrogate, double alpha, const float *h, float v_threshol
     }
 }
 
-/* grad_x may be grad_spike itself (written over in place): each element is read before it is written.
+/* One charge's backward loop, inlined with a constant charge into lif_backward (as forward_loop).
+ * grad_x may be grad_spike itself (written over in place): each element is read before it is written.
  * Rect reads its window bits (and for a hard reset the spikes' bits, and h only when the reset is not detached);
  * every other surrogate reads h. grad_decay (PLIF) accumulates dL/dh * lever over the steps, per neuron. */
-void lif_backward(const float *grad_spike, float *grad_x, float *carry, float *grad_decay, const uint8_t *window,
-                  const uint8_t *fired, const float *h_seq, const float *lever, int64_t steps, int64_t numel,
-                  int64_t begin, int64_t end, int charge, float decay, int decay_input, float v_threshold, int hard,
-                  float v_reset, int surrogate, double alpha, int detach_reset, float keep) {
+static inline __attribute__((always_inline)) void backward_loop(
+    const int charge, const float *grad_spike, float *grad_x, float *carry, float *grad_decay, const uint8_t *window,
+    const uint8_t *fired, const float *h_seq, const float *lever, int64_t steps, int64_t numel, int64_t begin,
+    int64_t end, float decay, int decay_input, float v_threshold, int hard, float v_reset, int surrogate,
+    double alpha, int detach_reset, float keep) {
     float slope[TILE], not_fired[TILE];
     /* Rect: dL/dh = carry + alpha * dL/ds * window, the window 0 or 1 */
     const float scale = surrogate == RECT ? (float)alpha : 1.0f;
@@ -171,13 +191,31 @@ void lif_backward(const float *grad_spike, float *grad_x, float *carry, float *g
                 if (!detach_reset) g = hard ? g + c * (v_reset - ht[i]) : g + (-v_threshold) * c;
                 if (hard) c = c * not_fired[i];
                 float gh = c + scale * g * slope[i]; /* dL/dh_t */
-                if (gd) gd[i] += gh * lt[i];
+                if (charge == CHARGE_PLIF && gd) gd[i] += gh * lt[i];
                 ct[i] = gh * keep;
-                if (!decay_input)
+                if (charge == CHARGE_IF)
                     gx[i] = gh;
+                else if (charge == CHARGE_LIF)
+                    gx[i] = decay_input ? gh / decay : gh;
                 else
-                    gx[i] = charge == CHARGE_LIF ? gh / decay : gh * decay;
+                    gx[i] = decay_input ? gh * decay : gh;
             }
         }
     }
+}
+
+void lif_backward(const float *grad_spike, float *grad_x, float *carry, float *grad_decay, const uint8_t *window,
+                  const uint8_t *fired, const float *h_seq, const float *lever, int64_t steps, int64_t numel,
+                  int64_t begin, int64_t end, int charge, float decay, int decay_input, float v_threshold, int hard,
+                  float v_reset, int surrogate, double alpha, int detach_reset, float keep) {
+#define BACKWARD(CHARGE)                                                                                             \
+    backward_loop(CHARGE, grad_spike, grad_x, carry, grad_decay, window, fired, h_seq, lever, steps, numel, begin,   \
+                  end, decay, decay_input, v_threshold, hard, v_reset, surrogate, alpha, detach_reset, keep)
+    if (charge == CHARGE_IF)
+        BACKWARD(CHARGE_IF);
+    else if (charge == CHARGE_LIF)
+        BACKWARD(CHARGE_LIF);
+    else
+        BACKWARD(CHARGE_PLIF);
+#undef BACKWARD
 }
