@@ -4,6 +4,8 @@
  * float operation of the forward is the one the torch path runs (and SpikingJelly's reference loops,
  * spikingjelly._ops.{if_,lif,plif}), in the same order and in float32, so spikes and voltages are bit-identical to
  * them: the file must be compiled without -ffast-math and with -ffp-contract=off (no fused multiply-add).
+ * -fno-trapping-math (floating-point exceptions are not observed; no value changes) lets the compiler vectorize
+ * loops with selects, such as the clamp in exp_vectorizable.
  *
  * Neurons (charge): IF h = v + x; LIF h = v + (x - (v - v_reset)) / tau, or without decay_input
  * h = v - (v - v_reset) / tau + x; ParametricLIF the same with "* q" for "/ tau", q = sigmoid(w) (its decay is
@@ -39,13 +41,17 @@ static inline void unpack8(uint8_t byte, float *out) {
     for (int j = 0; j < 8; j++) out[j] = (float)((byte >> j) & 1);
 }
 
-/* One charge's forward loop: inlined with a constant charge into lif_forward, so that each loop body is free of the
- * other charges' operations (a division the compiler may not evaluate speculatively keeps a loop from vectorizing).
+/* One charge's forward loop: inlined with a constant charge (and whether PLIF's levers are written) into lif_forward,
+ * so that each loop body is free of the others' operations (a division or a store the compiler may not make
+ * speculatively keeps a loop from vectorizing);
+ * restrict: no two arrays overlap, so the compiler needs no run-time overlap checks to vectorize (it gives up past
+ * a few pairs).
  * lever (PLIF only): dh/dq with decay_input (x - (v - v_reset)); without, v - v_reset (dh/dq is its negative). */
 static inline __attribute__((always_inline)) void forward_loop(
-    const int charge, const float *x, float *spike, float *v, float *h_seq, float *lever, uint8_t *window,
-    uint8_t *fired, int64_t steps, int64_t numel, int64_t begin, int64_t end, float decay, int decay_input,
-    float v_threshold, int hard, float v_reset, float half_width) {
+    const int charge, const int levers, const float *restrict x, float *restrict spike, float *restrict v, float *restrict h_seq,
+    float *restrict lever, uint8_t *restrict window, uint8_t *restrict fired, int64_t steps, int64_t numel,
+    int64_t begin, int64_t end, float decay, int decay_input, float v_threshold, int hard, float v_reset,
+    float half_width) {
     uint8_t in_window[TILE], fired_now[TILE];
     for (int64_t lo = begin; lo < end; lo += TILE) {
         int64_t n = end - lo < TILE ? end - lo : TILE;
@@ -68,7 +74,7 @@ static inline __attribute__((always_inline)) void forward_loop(
                 float s = h >= v_threshold ? 1.0f : 0.0f;
                 st[i] = s;
                 if (ht) ht[i] = h;
-                if (charge == CHARGE_PLIF && lt) lt[i] = decay_input ? xt[i] - relative : relative;
+                if (levers) lt[i] = decay_input ? xt[i] - relative : relative;
                 in_window[i] = fabsf(h - v_threshold) < half_width;
                 fired_now[i] = (uint8_t)s;
                 vt[i] = hard ? s * v_reset + (1.0f - s) * h : h - s * v_threshold;
@@ -85,26 +91,53 @@ static inline __attribute__((always_inline)) void forward_loop(
 void lif_forward(const float *x, float *spike, float *v, float *h_seq, float *lever, uint8_t *window, uint8_t *fired,
                  int64_t steps, int64_t numel, int64_t begin, int64_t end, int charge, float decay, int decay_input,
                  float v_threshold, int hard, float v_reset, float half_width) {
-#define FORWARD(CHARGE)                                                                                              \
-    forward_loop(CHARGE, x, spike, v, h_seq, lever, window, fired, steps, numel, begin, end, decay, decay_input,     \
-                 v_threshold, hard, v_reset, half_width)
+#define FORWARD(CHARGE, LEVERS)                                                                                      \
+    forward_loop(CHARGE, LEVERS, x, spike, v, h_seq, lever, window, fired, steps, numel, begin, end, decay,          \
+                 decay_input, v_threshold, hard, v_reset, half_width)
     if (charge == CHARGE_IF)
-        FORWARD(CHARGE_IF);
+        FORWARD(CHARGE_IF, 0);
     else if (charge == CHARGE_LIF)
-        FORWARD(CHARGE_LIF);
+        FORWARD(CHARGE_LIF, 0);
+    else if (lever)
+        FORWARD(CHARGE_PLIF, 1);
     else
-        FORWARD(CHARGE_PLIF);
+        FORWARD(CHARGE_PLIF, 0);
 #undef FORWARD
+}
+
+/* e^x to about 1 ulp (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, times 2^n), in operations the
+ * compiler vectorizes: glibc's expf runs one value at a time without -ffast-math, which made the Sigmoid surrogate's
+ * backward several times slower than ATan's. Only gradients use it (to float rounding, not to the bit); below
+ * -87 it returns about 1.6e-38 instead of a subnormal or 0, above 88 about 1.7e38 instead of inf. */
+static inline float exp_vectorizable(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* n = x / ln 2 rounded to the nearest integer: adding and subtracting 1.5 * 2^23 drops the fraction */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = (x - n * 0.693359375f) - n * -2.12194440e-4f; /* ln 2 in two parts: r exact to float rounding */
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    union {
+        int32_t bits;
+        float value;
+    } scale = {((int32_t)n + 127) << 23}; /* 2^n */
+    return p * scale.value;
 }
 
 /* The surrogate's derivative at h - v_threshold, as spikingjelly._ops.surrogate._surrogate_gradient computes it
  * (constants from the double alpha rounded to float, as torch rounds a Python scalar). One switch per tile-step. */
-static void slopes(int surrogate, double alpha, const float *h, float v_threshold, int64_t n, float *out) {
+static void slopes(int surrogate, double alpha, const float *restrict h, float v_threshold, int64_t n,
+                   float *restrict out) {
     const float a = (float)alpha;
     switch (surrogate) {
     case SIGMOID:
         for (int64_t i = 0; i < n; i++) {
-            float s = 1.0f / (1.0f + expf(-(a * (h[i] - v_threshold))));
+            float s = 1.0f / (1.0f + exp_vectorizable(-(a * (h[i] - v_threshold))));
             out[i] = (1.0f - s) * s * a;
         }
         break;
@@ -126,7 +159,7 @@ static void slopes(int surrogate, double alpha, const float *h, float v_threshol
     }
     case PIECEWISE_EXP: {
         const float half = (float)(alpha / 2), minus = (float)(-alpha);
-        for (int64_t i = 0; i < n; i++) out[i] = half * expf(minus * fabsf(h[i] - v_threshold));
+        for (int64_t i = 0; i < n; i++) out[i] = half * exp_vectorizable(minus * fabsf(h[i] - v_threshold));
         break;
     }
     case SOFT_SIGN: {
@@ -147,22 +180,25 @@ static void slopes(int surrogate, double alpha, const float *h, float v_threshol
         const float scale = (float)(alpha / sqrt(PI));
         for (int64_t i = 0; i < n; i++) {
             float z = a * (h[i] - v_threshold);
-            out[i] = scale * expf(-z * z);
+            out[i] = scale * exp_vectorizable(-z * z);
         }
         break;
     }
     }
 }
 
-/* One charge's backward loop, inlined with a constant charge into lif_backward (as forward_loop).
- * grad_x may be grad_spike itself (written over in place): each element is read before it is written.
+/* One charge's backward loop, inlined with a constant charge (and whether grad_decay is summed) into lif_backward,
+ * as forward_loop.
+ * grad_x may be grad_spike itself (written over in place; so neither is restrict): each element is read before it
+ * is written.
  * Rect reads its window bits (and for a hard reset the spikes' bits, and h only when the reset is not detached);
  * every other surrogate reads h. grad_decay (PLIF) accumulates dL/dh * lever over the steps, per neuron. */
 static inline __attribute__((always_inline)) void backward_loop(
-    const int charge, const float *grad_spike, float *grad_x, float *carry, float *grad_decay, const uint8_t *window,
-    const uint8_t *fired, const float *h_seq, const float *lever, int64_t steps, int64_t numel, int64_t begin,
-    int64_t end, float decay, int decay_input, float v_threshold, int hard, float v_reset, int surrogate,
-    double alpha, int detach_reset, float keep) {
+    const int charge, const int levers, const float *grad_spike, float *grad_x, float *restrict carry, float *restrict grad_decay,
+    const uint8_t *restrict window, const uint8_t *restrict fired, const float *restrict h_seq,
+    const float *restrict lever, int64_t steps, int64_t numel, int64_t begin, int64_t end, float decay,
+    int decay_input, float v_threshold, int hard, float v_reset, int surrogate, double alpha, int detach_reset,
+    float keep) {
     float slope[TILE], not_fired[TILE];
     /* Rect: dL/dh = carry + alpha * dL/ds * window, the window 0 or 1 */
     const float scale = surrogate == RECT ? (float)alpha : 1.0f;
@@ -191,7 +227,7 @@ static inline __attribute__((always_inline)) void backward_loop(
                 if (!detach_reset) g = hard ? g + c * (v_reset - ht[i]) : g + (-v_threshold) * c;
                 if (hard) c = c * not_fired[i];
                 float gh = c + scale * g * slope[i]; /* dL/dh_t */
-                if (charge == CHARGE_PLIF && gd) gd[i] += gh * lt[i];
+                if (levers) gd[i] += gh * lt[i];
                 ct[i] = gh * keep;
                 if (charge == CHARGE_IF)
                     gx[i] = gh;
@@ -208,14 +244,16 @@ void lif_backward(const float *grad_spike, float *grad_x, float *carry, float *g
                   const uint8_t *fired, const float *h_seq, const float *lever, int64_t steps, int64_t numel,
                   int64_t begin, int64_t end, int charge, float decay, int decay_input, float v_threshold, int hard,
                   float v_reset, int surrogate, double alpha, int detach_reset, float keep) {
-#define BACKWARD(CHARGE)                                                                                             \
-    backward_loop(CHARGE, grad_spike, grad_x, carry, grad_decay, window, fired, h_seq, lever, steps, numel, begin,   \
-                  end, decay, decay_input, v_threshold, hard, v_reset, surrogate, alpha, detach_reset, keep)
+#define BACKWARD(CHARGE, LEVERS)                                                                                     \
+    backward_loop(CHARGE, LEVERS, grad_spike, grad_x, carry, grad_decay, window, fired, h_seq, lever, steps, numel,  \
+                  begin, end, decay, decay_input, v_threshold, hard, v_reset, surrogate, alpha, detach_reset, keep)
     if (charge == CHARGE_IF)
-        BACKWARD(CHARGE_IF);
+        BACKWARD(CHARGE_IF, 0);
     else if (charge == CHARGE_LIF)
-        BACKWARD(CHARGE_LIF);
+        BACKWARD(CHARGE_LIF, 0);
+    else if (grad_decay)
+        BACKWARD(CHARGE_PLIF, 1);
     else
-        BACKWARD(CHARGE_PLIF);
+        BACKWARD(CHARGE_PLIF, 0);
 #undef BACKWARD
 }

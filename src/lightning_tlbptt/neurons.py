@@ -464,21 +464,31 @@ class _Kernel:
     def __call__(self, x_seq: Tensor, *args: Tensor, **kwargs: object) -> Tensor:
         node = self.node
         (v,) = node.materialize_states((x_seq, *args), tuple(node._memories.values()), "m")
-        if args or kwargs or x_seq.dtype != torch.float32 or v.dtype != torch.float32 or x_seq.shape[0] == 0:
-            # Mixed precision and unusual calls keep SpikingJelly's own path.
+        function = node.surrogate_function
+        name = _SURROGATES[type(function)][0]
+        if (
+            args
+            or kwargs
+            or x_seq.dtype != torch.float32
+            or v.dtype != torch.float32
+            or x_seq.shape[0] == 0
+            or (x_seq.device.type != "cpu" and name != "rect")
+        ):
+            # Mixed precision and unusual calls keep SpikingJelly's own path, and so do the smooth surrogates off the
+            # CPU: there SpikingJelly has fused kernels (CUDA, Triton) that run a layer's steps in one launch, where
+            # the torch path takes several launches per step, and that save h as the kernel would (and their input).
             return type(node).multi_step_forward(node, x_seq, *args, **kwargs)
         kind = _kind(node)
         assert kind is not None
         charge = kind[1]
         # the decay as SpikingJelly's charge applies it: LIF divides by tau, ParametricLIF multiplies by sigmoid(w)
         decay = node.w.sigmoid() if charge == "plif" else node.tau if charge == "lif" else 1.0
-        function = node.surrogate_function
         settings = native.Settings(
             charge,
             charge != "if" and node.decay_input,
             node.v_threshold,
             node.v_reset,
-            _SURROGATES[type(function)][0],
+            name,
             float(function.alpha),
             node.detach_reset,
         )
@@ -499,7 +509,8 @@ def accelerate(
 
     The override is per instance (the class and other networks are untouched) and undone by :func:`restore`; nodes
     already accelerated keep their kernel and its options (restore them first to change those). Single-step mode
-    (``step_mode='s'``) and inputs other than float32 keep SpikingJelly's path. Returns the nodes it was installed on.
+    (``step_mode='s'``), inputs other than float32 and, off the CPU, the surrogates other than Rect (SpikingJelly has
+    fused kernels for them there) keep SpikingJelly's path, call by call. Returns the nodes it was installed on.
     """
     if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
         raise ValueError(
