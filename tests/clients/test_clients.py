@@ -45,6 +45,12 @@ FOLDED = (
     "time folded into the batch (functional.seq_to_ann_forward on plain torch layers): the entry or a block "
     "boundary receives [T * B, ...] (new pattern, not in issue 22)"
 )
+LOOP_IN_FORWARD = "single-step network with its time loop in forward (issue 22, pattern 7)"
+LOOP_IN_STEP = (
+    "single-step network with its time loop in training_step on a static image: no time axis to cut, so one chunk "
+    "per batch (issue 22, pattern 7)"
+)
+BINARY = "one-logit head trained with BCE: its labels are refused as class indices (issue 22, pattern 6)"
 
 
 def load(client: str, file: str, package: str = "lightning") -> ModuleType:
@@ -76,6 +82,7 @@ class Client:
     Attributes:
         name: the folder under tests/clients.
         file: the file (without ``.py``) defining the LightningModule.
+        case: which of its modules (the test id).
         build: the user's module from the loaded file, as the project constructs it.
         data: a small synthetic loader of the project's batch structure and shapes.
         T: time steps the network sees; ``k`` the chunk length of the truncated run.
@@ -88,6 +95,7 @@ class Client:
 
     name: str
     file: str
+    case: str
     build: Callable[[ModuleType], L.LightningModule]
     data: Callable[[], DataLoader]
     T: int
@@ -118,17 +126,32 @@ def _images(n: int, shape: tuple[int, ...], classes: int, seed: int = 0) -> tupl
 SMALL_SEW = {"layers": (1, 1, 1, 1), "widths": (8, 16, 32, 64)}
 
 
-def _two_views() -> DataLoader:
-    """Self-supervised batches ``((X, Y_a, Y_b), label)``: an event sample and two augmented views of it."""
-    x, y = _events(4, 4, (2, 32, 32), 10)
-    a, b = _events(4, 4, (2, 32, 32), 10, seed=1)[0], _events(4, 4, (2, 32, 32), 10, seed=2)[0]
-    return DataLoader([((x[i], a[i], b[i]), y[i]) for i in range(len(y))], batch_size=4)
+def _views(shape: tuple[int, ...], sample: bool) -> DataLoader:
+    """Self-supervised batches of two augmented views of an event sample, ``((X, Y_a, Y_b), label)`` with the sample
+    (Barchid/dvs_ssl) or ``((Y_a, Y_b), label)`` (SpikeCLR)."""
+    x, y = _events(8, 4, shape, 10)  # two batches of four: BatchNorm1d and batch statistics need several samples
+    a, b = _events(8, 4, shape, 10, seed=1)[0], _events(8, 4, shape, 10, seed=2)[0]
+    views = [((x[i], a[i], b[i]) if sample else (a[i], b[i]), y[i]) for i in range(len(y))]
+    return DataLoader(views, batch_size=4)
+
+
+def _one_hot(shape: tuple[int, ...], classes: int = 4, n: int = 4) -> DataLoader:
+    """Inputs ``[n, *shape]`` with one-hot targets ``[n, classes]`` (Qualia's datasets)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, *shape, generator=g)
+    return DataLoader(TensorDataset(x, nn.functional.one_hot(torch.arange(n) % classes, classes).float()), batch_size=2)
+
+
+def _smlp(m: ModuleType, module: str, T: int) -> L.LightningModule:
+    model = m.SMLP(input_shape=(3, 16), output_shape=(4,), units=[32, 32], timesteps=T)
+    return getattr(m, module)(model, optimizer={"kind": "Adam", "params": {"lr": 1e-2}}, num_outputs=4)
 
 
 CLIENT_LIST: list[Client] = [
     Client(
         name="barchid_spikingjelly_lightning",
         file="lenet5",
+        case="Lenet5Module",
         build=lambda m: m.Lenet5Module(learning_rate=1e-3, neuron_model="LIF", bias=True, timesteps=4),
         data=_lenet5_data,
         T=4,
@@ -138,6 +161,7 @@ CLIENT_LIST: list[Client] = [
     Client(
         name="barchid_snn",
         file="mnist_classification",
+        case="MNISTClassification",
         build=lambda m: m.MNISTClassification(T=4, learning_rate=1e-3),
         data=lambda: DataLoader(TensorDataset(*_images(4, (1, 28, 28), 10)), batch_size=2),
         T=4,
@@ -147,6 +171,7 @@ CLIENT_LIST: list[Client] = [
     Client(
         name="barchid_snn_fer",
         file="fer_module",
+        case="FerModule",
         build=lambda m: m.FerModule(learning_rate=0.05, timesteps=4, n_classes=7, encoder_sizes=SMALL_SEW),
         data=lambda: DataLoader(TensorDataset(*_events(4, 4, (2, 32, 32), 7)), batch_size=2),
         T=4,
@@ -157,8 +182,9 @@ CLIENT_LIST: list[Client] = [
     Client(
         name="barchid_dvs_ssl",
         file="ssl_module",
+        case="SSLModule",
         build=lambda m: m.SSLModule(learning_rate=0.05, epochs=1, timesteps=4, encoder_sizes=SMALL_SEW),
-        data=_two_views,
+        data=lambda: _views((2, 32, 32), sample=True),
         T=4,
         k=2,
         metrics=("train_loss",),
@@ -167,6 +193,83 @@ CLIENT_LIST: list[Client] = [
             "exact": f"{FOLDED}; then two network calls per step, resets held for the batch (issue 22, pattern 4)",
             "after": FOLDED,
         },
+    ),
+    Client(
+        name="spikeclr",
+        file="modules",
+        case="LitSelfSupervised",
+        build=lambda m: m.LitSelfSupervised(m.SpikeCLR(), lr=1e-2),
+        data=lambda: _views((2, 16, 16), sample=False),
+        T=4,
+        k=2,
+        metrics=("train_pretrain_loss",),
+    ),
+    Client(
+        name="spikeclr",
+        file="modules",
+        case="LitSupervised",
+        build=lambda m: m.LitSupervised(m.Classifier(), lr=1e-2),
+        data=lambda: DataLoader(TensorDataset(*_events(4, 4, (2, 16, 16), 10)), batch_size=2),
+        T=4,
+        k=2,
+        metrics=("train_loss", "train_top1"),
+    ),
+    Client(
+        name="qualia_snn",
+        file="trainer_module",
+        case="SpikingJelly",
+        build=lambda m: _smlp(m, "SpikingJellyTrainerModule", T=4),
+        data=lambda: _one_hot((3, 16)),
+        T=4,
+        k=2,
+        metrics=("train_loss", "trainacc"),
+        xfail={"local": LOOP_IN_FORWARD, "after": LOOP_IN_FORWARD},
+    ),
+    Client(
+        name="qualia_snn",
+        file="trainer_module",
+        case="SpikingJellyTimeStepsInData",
+        build=lambda m: _smlp(m, "SpikingJellyTimeStepsInDataTrainerModule", T=4),
+        data=lambda: _one_hot((4, 3, 16)),
+        T=4,
+        k=2,
+        metrics=("train_loss", "trainacc"),
+        xfail={"local": LOOP_IN_FORWARD, "after": LOOP_IN_FORWARD},
+    ),
+    Client(
+        name="fixtures",
+        file="binary_head",
+        case="BinaryEventClassifier",
+        build=lambda m: m.BinaryEventClassifier(pos_weight=2.0, lr=1e-2),
+        data=lambda: DataLoader(TensorDataset(*_events(4, 4, (2, 16, 16), 2)), batch_size=2),
+        T=4,
+        k=2,
+        metrics=("train_loss", "train_accuracy"),
+        uses_pytorch_lightning=False,
+        xfail={"local": BINARY, "after": BINARY},
+    ),
+    Client(
+        name="fixtures",
+        file="spike_regulariser",
+        case="RegularisedClassifier",
+        build=lambda m: m.RegularisedClassifier(),
+        data=lambda: DataLoader(TensorDataset(*_events(4, 4, (2, 16, 16), 10)), batch_size=2),
+        T=4,
+        k=2,
+        metrics=("train_loss", "train_hidden_rate"),
+        uses_pytorch_lightning=False,
+    ),
+    Client(
+        name="fixtures",
+        file="poisson_loop",
+        case="LightningSNN",
+        build=lambda m: m.LightningSNN(learning_rate=1e-2, num_steps=4),
+        data=lambda: DataLoader(TensorDataset(*_images(4, (1, 28, 28), 10)), batch_size=2),
+        T=4,
+        k=2,
+        metrics=(),
+        uses_pytorch_lightning=False,
+        xfail={"local": LOOP_IN_STEP},
     ),
 ]
 
@@ -185,7 +288,7 @@ def _cases(check: str, only_pytorch_lightning: bool = False) -> list[Any]:
         if check == "pytorch_lightning":
             reason = client.xfail.get(check, PL_SUPPORT)
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        cases.append(pytest.param(client, id=client.name, marks=marks))
+        cases.append(pytest.param(client, id=f"{client.name}-{client.case}", marks=marks))
     return cases
 
 
@@ -228,6 +331,7 @@ def test_truncated_local_fit_trains_every_block_and_logs_the_users_metrics(clien
     strategy = trainer.strategy
     assert isinstance(strategy, TruncatedLocalBPTT) and strategy.partition is not None
     assert len(strategy.partition.blocks) > 1, "n = 1 made one block: nothing local was tested"
+    assert trainer.global_step == client.steps * client.T // client.k, "not one optimizer step per chunk of k steps"
     moved = {id(p) for name, p in user.named_parameters() if name in _moved(before, user)}
     for block in strategy.partition.blocks:
         params = [p for layer in block.layers for m in layer.modules for p in m.parameters()]
