@@ -38,5 +38,6 @@ def make_trainer(tmp_path: Any) -> Callable[..., L.Trainer]:
 @pytest.fixture
 def finest_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every run of a network in its finest time slices (one step at ``slice_bytes=1``), not only the widest:
-    ``find_runs``'s default ``coarsen`` turned off, for callers (the strategy) that do not pass it."""
-    monkeypatch.setitem(slicing.find_runs.__kwdefaults__, "coarsen", False)
+    ``slicing.find_runs`` called with ``coarsen=False`` whatever its caller (the strategy) passes."""
+    find_runs = slicing.find_runs
+    monkeypatch.setattr(slicing, "find_runs", lambda *args, **kwargs: find_runs(*args, **{**kwargs, "coarsen": False}))

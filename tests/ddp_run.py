@@ -51,8 +51,8 @@ def main(out: Path, mode: str) -> None:
         loader = DataLoader(ds, batch_sampler=global_batches(ds))
         devices = 1
     recorder = GradRecorder()
-    # every layer in one-step slices, not only the widest (the strategy calls find_runs without coarsen)
-    slicing.find_runs.__kwdefaults__["coarsen"] = False
+    find_runs = slicing.find_runs  # every layer in one-step slices, not only the widest, whatever the caller passes
+    slicing.find_runs = lambda *args, **kwargs: find_runs(*args, **{**kwargs, "coarsen": False})
     trainer = L.Trainer(
         strategy=TruncatedLocalBPTT(k=2, n=1, slice_bytes=1),  # on every rank
         accelerator="cpu",

@@ -16,7 +16,7 @@ from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT, neurons, pac
 from lightning_tlbptt.memory import TensorMemoryMeter
 from lightning_tlbptt.partitioning import observe
 
-from snn_fixtures import GradRecorder, conv_net, event_batches, lif, wide_net
+from snn_fixtures import conv_net, event_batches, lif, wide_net
 
 
 @pytest.fixture(autouse=True)
@@ -235,29 +235,61 @@ def test_spikes_made_in_slices_are_packed() -> None:
     assert stats.packed == len(x)  # the second conv's input, saved once per slice, packed each time
 
 
-def _fit_grads(make_trainer: Any, k: int, n: int | None, slice_bytes: int | None, **kwargs: Any) -> list[dict]:
+class OptimizerGrads(L.Callback):
+    """Every gradient the optimizer steps with, before each step: the module's parameters by name, the others (the
+    strategy's local classifiers, wherever it keeps them) as ``readout.<group>.<index>``."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        names = {id(p): name for name, p in pl_module.named_parameters()}
+        step = {}
+        for g, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    step[names.get(id(p), f"readout.{g}.{i}")] = p.grad.detach().clone()
+        self.steps.append(step)
+
+
+def _fit_grads(
+    make_trainer: Any, monkeypatch: pytest.MonkeyPatch, k: int, n: int | None, slice_bytes: int | None, **kwargs: Any
+) -> list[dict]:
     module = SpikingClassifier(wide_net(), lr=0.1, lr_step_epochs=0)
-    recorder = GradRecorder()
+    recorder = OptimizerGrads()
     strategy = TruncatedLocalBPTT(k=k, n=n, slice_bytes=slice_bytes, **kwargs)
+    found: list[slicing.Run] = []
+    find_runs = slicing.find_runs  # the finest_slices fixture's, where a test uses it
+
+    def recording(*args: Any, **kw: Any) -> list[slicing.Run]:
+        runs = find_runs(*args, **kw)
+        found.extend(runs)
+        return runs
+
     torch.manual_seed(5)
     trainer = make_trainer(strategy=strategy, max_steps=4, callbacks=[recorder])
-    trainer.fit(module, event_batches(n=16, T=8, batch_size=4))
-    assert isinstance(strategy._runs, list) and (strategy._runs != []) == (slice_bytes is not None)
+    with monkeypatch.context() as patch:
+        patch.setattr(slicing, "find_runs", recording)
+        trainer.fit(module, event_batches(n=16, T=8, batch_size=4))
+    # the strategy found runs exactly when slicing is on, and walked them in slices (a run measures its first walk)
+    assert bool(found) == (slice_bytes is not None) and all(run.needs for run in found)
     return recorder.steps
 
 
 @pytest.mark.parametrize(("k", "n"), [(8, None), (4, 1), (2, 1)])
 @pytest.mark.usefixtures("finest_slices")
-def test_strategy_trains_the_same_with_and_without_slices(make_trainer, k: int, n: int | None) -> None:
+def test_strategy_trains_the_same_with_and_without_slices(
+    make_trainer, monkeypatch: pytest.MonkeyPatch, k: int, n: int | None
+) -> None:
     """With n = 1 every run ends a block: its local classifier reads it slice by slice."""
-    whole = _fit_grads(make_trainer, k, n, None)
-    sliced = _fit_grads(make_trainer, k, n, 1)
+    whole = _fit_grads(make_trainer, monkeypatch, k, n, None)
+    sliced = _fit_grads(make_trainer, monkeypatch, k, n, 1)
     assert len(whole) == len(sliced) >= 4
     for step, (a, b) in enumerate(zip(whole, sliced, strict=True)):
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
-    readouts = [g for name, g in whole[0].items() if name.startswith("local_classifiers")]
+    readouts = [g for name, g in whole[0].items() if not name.startswith("net.")]
     assert (n is None) == (readouts == []) and all(g.abs().sum() > 0 for g in readouts)
     assert all(g.abs().sum() > 0 for name, g in whole[0].items() if name.startswith("net.0."))
 
