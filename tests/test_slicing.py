@@ -46,6 +46,7 @@ def test_runs_are_the_step_wise_stretches_of_each_layer_with_a_neuron() -> None:
     # every module of this network works step by step, so each layer is one run
     assert [r.modules for r in runs] == [layer.modules for layer in layers]
     assert [(r.start, r.stop) for r in runs][-1] == (9, 11)
+    assert [r.following for r in runs] == [net[r.stop] for r in runs[:-1]] + [None]  # what each run's output feeds
 
     net = conv_net()  # its second layer nests conv and LIF in a Sequential of their own
     runs = _runs(net, _x())

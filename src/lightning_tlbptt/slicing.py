@@ -154,6 +154,12 @@ class Run:
     def names(self) -> str:
         return f"{type(self.parent).__name__}[{self.start}:{self.stop}]"
 
+    @property
+    def following(self) -> nn.Module | None:
+        """The child of :attr:`parent` after the run (what its output feeds), ``None`` at the Sequential's end."""
+        children = _children(self.parent)
+        return children[self.stop] if self.stop < len(children) else None
+
     def __call__(self, x: Any) -> Any:
         args: tuple[Any, ...] = (x,)
         kwargs: dict[str, Any] = {}
