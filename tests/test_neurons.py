@@ -13,7 +13,7 @@ import torch
 from spikingjelly.activation_based import functional, neuron, surrogate
 
 from lightning_tlbptt import SavedTensorsMeter, SpikingClassifier, TruncatedLocalBPTT, native
-from lightning_tlbptt.neurons import accelerate, is_accelerated, restore, supports
+from lightning_tlbptt.neurons import LIFFunction, accelerate, is_accelerated, restore, supports
 
 from snn_fixtures import GradRecorder, conv_net, event_batches
 
@@ -302,6 +302,21 @@ def test_without_grad_saves_nothing_and_spikes_equal():
         spikes = fast(x)
     assert meter.peak_bytes == 0 and not spikes.requires_grad
     assert torch.equal(spikes, reference(x)) and torch.equal(fast.v, reference.v)
+
+
+@pytest.mark.parametrize(
+    ("function", "taken"), [("atan", "spikingjelly"), ("sigmoid", "spikingjelly"), ("rect", "kernel")]
+)
+def test_off_the_cpu_only_rect_takes_the_kernel(function, taken, monkeypatch):
+    """SpikingJelly has fused CUDA kernels for the smooth surrogates (not for Rect); a meta tensor stands in for a
+    CUDA one, and both paths are stubbed to say which was taken."""
+    node = _node("lif", function)
+    accelerate(node)
+    calls = []
+    monkeypatch.setattr(neuron.LIFNode, "multi_step_forward", lambda self, x_seq: calls.append("spikingjelly") or x_seq)
+    monkeypatch.setattr(LIFFunction, "apply", lambda x_seq, v, *args: calls.append("kernel") or (x_seq, v))
+    node(torch.zeros(3, 2, 8, device="meta"))
+    assert calls == [taken]
 
 
 def test_half_precision_input_keeps_spikingjelly_path():

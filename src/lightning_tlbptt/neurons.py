@@ -20,7 +20,7 @@ so one bit per neuron-step (inside or not) does: 32x less than a float, packed e
 (its gradient ``(v_reset - h) * sg`` needs the value). Every other surrogate (the table ``_SURROGATES``: Sigmoid,
 ATan, PiecewiseQuadratic, PiecewiseExp, SoftSign, SuperSpike, Erf) keeps the float ``h``, from which the backward
 recomputes ``h - v_threshold``, the derivative and a hard reset's spikes. ParametricLIF also keeps ``dh/dq`` per
-neuron-step (``x - (v - v_reset)``, or ``-(v - v_reset)`` without ``decay_input``).
+neuron-step (``x - (v - v_reset)``; without ``decay_input`` its negative, ``v - v_reset``).
 
 Backward walks back through time in one loop without an autograd graph: ``dL/ds_t`` (plus the reset's dependence on
 ``s_t`` unless detached), ``dL/dh_t = dL/dv_t * dv_t/dh_t + dL/ds_t * sg'(h_t - v_threshold)``,
@@ -115,8 +115,7 @@ _SURROGATES: dict[type[nn.Module], tuple[str, Callable[[Tensor, float], Tensor] 
 }
 _DERIVATIVES = {name: derivative for name, derivative in _SURROGATES.values()}
 
-#: The neurons the kernel runs, with how each charges (native.CHARGES); ParametricLIF first, as no subclass of the
-#: others.
+#: The neurons the kernel runs, with how each charges (native.CHARGES)
 _NEURONS: tuple[tuple[type[neuron.BaseNode], str], ...] = (
     (neuron.ParametricLIFNode, "plif"),
     (neuron.LIFNode, "lif"),
