@@ -2,8 +2,10 @@
 
 Paper setting (Table 1): batch 128, T = 10 (direct encoding), tau = 0.8, u_th = 0.3-0.5, SGD (momentum 0.9,
 lr 0.1-0.2), MSE, dropout 0-0.15. (k, n) = (5, 2): k in the recommended 2..10, blocks of more than one layer.
-Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
-middle of the threshold range; --help lists the flags.
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the dropout range and the middle of the threshold
+range, with the accuracy study's recipe (docs/results.md): the output layer's bias balanced from one batch and the
+learning rate scaled to the batch (--balance-output=false --scale-lr=false: the paper's raw settings); --help lists
+the flags.
 
     python examples/cifar10.py                      # TruncatedLocalBPTT(k=5, n=2), 100 epochs
     python examples/cifar10.py --bptt               # plain BPTT

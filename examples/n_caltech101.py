@@ -2,8 +2,10 @@
 
 Paper setting (Table 1): batch 128, T = 60 frames of 5 ms, tau = 0.5, u_th = 0.5, Adam (lr 1e-4 to 5e-4),
 cross-entropy, dropout 0-0.3. (k, n) = (10, 5): the paper's best interval for VGG11 with 5-layer blocks.
-Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
-middle of the threshold range; --help lists the flags.
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the dropout range and the middle of the threshold
+range, with the accuracy study's recipe (docs/results.md): the output layer's bias balanced from one batch and the
+learning rate scaled to the batch (--balance-output=false --scale-lr=false: the paper's raw settings); --help lists
+the flags.
 
     python examples/n_caltech101.py                      # TruncatedLocalBPTT(k=10, n=5), 100 epochs
     python examples/n_caltech101.py --bptt               # plain BPTT

@@ -2,8 +2,10 @@
 
 Paper setting (Table 1, Es-ImageNet column): batch 512, T = 8, tau = 0.5, u_th = 0.5-0.8, Adam (lr 1e-4
 to 1e-3), cross-entropy. (k, n) = (4, 2): the paper's best interval for ResNet18 is 4.
-Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the learning-rate and dropout ranges and the
-middle of the threshold range; --help lists the flags.
+Defaults: lightning_tlbptt.paper.DATASETS, i.e. the lower end of the dropout range and the middle of the threshold
+range, with the accuracy study's recipe (docs/results.md): the output layer's bias balanced from one batch and the
+learning rate scaled to the batch (--balance-output=false --scale-lr=false: the paper's raw settings); --help lists
+the flags.
 
     python examples/tiny_es_imagenet.py                      # TruncatedLocalBPTT(k=4, n=2), 100 epochs
     python examples/tiny_es_imagenet.py --bptt               # plain BPTT

@@ -9,7 +9,6 @@ One fit is one measurement: the peak of activations saved for backward over the 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,11 +16,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from lightning_tlbptt.measure import MemoryMonitor
 from lightning_tlbptt.memory import SavedTensorsMeter, training_state_bytes
-from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
 __all__ = ["RunResult", "bptt_reference", "compare", "fit_and_measure", "format_table", "quiet_trainer"]
@@ -103,7 +100,7 @@ def fit_and_measure(
     """``Trainer.fit`` on one device, measuring accuracy, peak memory and time (a :class:`RunResult`).
 
     ``trainer_kwargs`` go to :func:`quiet_trainer` (``max_epochs``, ``logger``, ``limit_train_batches``, ...); the
-    module must log ``val/acc`` (as :class:`SpikingClassifier` does).
+    module must log ``val/acc`` (as :class:`~lightning_tlbptt.module.SpikingClassifier` does).
     """
     trainer = quiet_trainer(strategy, **trainer_kwargs)
     cuda = trainer.strategy.root_device.type == "cuda"
@@ -125,31 +122,31 @@ def fit_and_measure(
 
 
 def compare(
-    make_net: Callable[[], nn.Module],
+    make_module: Callable[[], L.LightningModule],
     datamodule: L.LightningDataModule,
     *,
-    T: int | None,
     settings: Sequence[tuple[int, int]] = ((2, 1),),
     classifier: str = "trainable",
-    epochs: int = 1,
-    lr: float = 0.1,
     loss: str = "mse",
+    epochs: int = 1,
     accelerator: str = "auto",
     seed: int = 0,
 ) -> list[RunResult]:
-    """Train ``make_net()`` with plain BPTT, then with ``TruncatedLocalBPTT(k, n)`` for each setting.
+    """Train ``make_module()`` with plain BPTT, then with ``TruncatedLocalBPTT(k, n)`` for each setting.
 
-    Every run starts from the same weights (``seed``) and sees the same data. ``T`` repeats static inputs
-    over time (direct encoding); leave it ``None`` for event data ``[B, T, ...]``.
+    Every run seeds ``seed`` before it calls ``make_module``, so a module built deterministically (the paper's
+    :class:`~lightning_tlbptt.paper.PaperClassifier`, a :class:`~lightning_tlbptt.module.SpikingClassifier` of a
+    freshly built network) starts every run from the same weights, and every run sees the same batches. ``loss`` is
+    the local classifiers' loss (the module's own, by name).
     """
-    L.seed_everything(seed, verbose=False)
-    initial = make_net()
     runs: list[tuple[str, str | TruncatedLocalBPTT]] = [("BPTT", "auto")]
-    runs += [(f"TLBPTT(k={k}, n={n})", TruncatedLocalBPTT(k=k, n=n, classifier=classifier)) for k, n in settings]
+    runs += [
+        (f"TLBPTT(k={k}, n={n})", TruncatedLocalBPTT(k=k, n=n, classifier=classifier, loss=loss)) for k, n in settings
+    ]
     results = []
     for name, strategy in runs:
         L.seed_everything(seed, verbose=False)
-        module = SpikingClassifier(copy.deepcopy(initial), T=T, lr=lr, loss=loss, lr_step_epochs=0)
+        module = make_module()
         results.append(
             fit_and_measure(name, module, datamodule, strategy=strategy, accelerator=accelerator, max_epochs=epochs)
         )

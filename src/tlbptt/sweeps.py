@@ -197,12 +197,14 @@ def paper_trial(
 
     Parameters a template may set: ``k``, ``n``, ``classifier``, ``epochs`` (default 1), and the paper
     setting's ``lr``, ``loss``, ``batch_size`` and ``T``, plus ``limit_train_batches``/``limit_val_batches``
-    and ``seed``. Standard BPTT of the same network and data is trained once per sweep folder (cached in
-    ``reference.json``, :func:`~tlbptt.compare.bptt_reference`); it is the reference of the figure of merit
-    (Eq. 18): measured peak memory and accuracy against it (a ``reference_acc`` parameter gives BPTT's accuracy
-    instead, and the memory term is then the analytic ratio, as online), memory access, additions and MACs from
-    the analytic model (densities 1, the reading that reproduces the paper's figures, see docs/costs.md). The
-    trial is measured by the callbacks an online run logs with (:class:`~lightning_tlbptt.measure.MemoryMonitor`,
+    and ``seed``; ``scale_lr`` and ``balance_output`` (both true by default: the accuracy study's recipe, as
+    ``train_main``'s flags of the same names; false gives the paper's raw settings). Standard BPTT of the same
+    network and data is trained once per sweep folder (cached in ``reference.json``,
+    :func:`~tlbptt.compare.bptt_reference`); it is the reference of the figure of merit (Eq. 18): measured peak
+    memory and accuracy against it (a ``reference_acc`` parameter gives BPTT's accuracy instead, and the memory term
+    is then the analytic ratio, as online), memory access, additions and MACs from the analytic model (densities 1,
+    the reading that reproduces the paper's figures, see docs/costs.md). The trial is measured by the callbacks an
+    online run logs with (:class:`~lightning_tlbptt.measure.MemoryMonitor`,
     :class:`~lightning_tlbptt.measure.CostMonitor`, every step), and its metrics are theirs (``val/acc``,
     ``cost/memory/total_bytes``, ``cost/fom``, ...), so a template's metric means the same online and offline.
     """
@@ -213,7 +215,11 @@ def paper_trial(
     from lightning_tlbptt.measure import CostMonitor, MemoryMonitor
     from lightning_tlbptt.paper import PaperClassifier, dataset_spec, paper_setting
     from lightning_tlbptt.strategy import TruncatedLocalBPTT
+    from tlbptt.cli import flag
     from tlbptt.compare import bptt_reference, quiet_trainer
+
+    def truth(value: Any) -> bool:  # a YAML boolean, or the text a W&B agent passes on, read as train_main reads it
+        return value if isinstance(value, bool) else flag(str(value))
 
     spec = dataset_spec(dataset)
     setting = paper_setting(dataset)
@@ -229,12 +235,15 @@ def paper_trial(
             batch_size=int(params.get("batch_size", spec.batch_size)),
             **({} if static else {"n_steps": steps}),
         )
+        batch = int(params.get("batch_size", spec.batch_size))
+        recipe_lr = paper_setting(dataset, batch_size=batch, scale_lr=truth(params.get("scale_lr", True)))["lr"]
         model = PaperClassifier(
             **{
                 **setting,
                 "T": steps if static else None,
-                "lr": float(params.get("lr", setting["lr"])),
+                "lr": float(params.get("lr", recipe_lr)),
                 "loss": params.get("loss", setting["loss"]),
+                "balance_output": truth(params.get("balance_output", True)),
             }
         )
         return data, model

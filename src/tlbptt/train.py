@@ -4,6 +4,10 @@
 :data:`~lightning_tlbptt.paper.settings.DATASETS` with ``--k``, ``--n``, ``--bptt`` and hyperparameter flags; it is
 also the ``program`` a W&B agent runs for the sweep templates of ``examples/sweeps/`` (it logs the templates' metric,
 ``cost/fom``). The same settings through LightningCLI: :mod:`tlbptt.lightning_cli`.
+
+The defaults are the recipe the accuracy study found (``docs/results.md``): the output layer's bias balanced from one
+batch (``--balance-output``) and the learning rate scaled from Table 1's batch to ``--batch-size`` (``--scale-lr``);
+``--balance-output=false --scale-lr=false`` gives the paper's raw settings back.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning_tlbptt.measure import CostMonitor, MemoryMonitor
 from lightning_tlbptt.paper import DATASETS, PaperClassifier, dataset_spec, paper_setting
 from lightning_tlbptt.strategy import TruncatedLocalBPTT
+from tlbptt.cli import flag as _flag
 
 __all__ = ["train_command", "train_main", "train_parser"]
 
@@ -29,16 +34,6 @@ __all__ = ["train_command", "train_main", "train_parser"]
 def _count_or_fraction(text: str) -> int | float:
     # Lightning reads an int as a number of batches and a float as a fraction of the epoch ("1" vs "1.0").
     return float(text) if "." in text else int(text)
-
-
-def _flag(text: str) -> bool:
-    # A W&B agent writes a boolean parameter as `--name=True` (its `${args}` macro); a bare `--name` is True too.
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _names(flag: str) -> tuple[str, ...]:
@@ -72,6 +67,7 @@ def _make_logger(kind: str, save_dir: str, name: str) -> Logger:
 _REFERENCE_SETTINGS = (
     "loss",
     "lr",
+    "balance_output",
     "dropout",
     "batch_size",
     "T",
@@ -111,8 +107,8 @@ def train_parser(dataset: str, *, k: int = 5, n: int = 2) -> argparse.ArgumentPa
     def add(group: argparse._ArgumentGroup, flag: str, **kwargs: Any) -> None:
         group.add_argument(*_names(flag), **kwargs)
 
-    def switch(group: argparse._ArgumentGroup, flag: str, help: str) -> None:
-        add(group, flag, type=_flag, nargs="?", const=True, default=False, metavar="BOOL", help=help)
+    def switch(group: argparse._ArgumentGroup, flag: str, help: str, default: bool = False) -> None:
+        add(group, flag, type=_flag, nargs="?", const=True, default=default, metavar="BOOL", help=help)
 
     method = parser.add_argument_group("training method")
     add(method, "--k", type=int, default=k, help="time steps per truncation interval")
@@ -120,9 +116,25 @@ def train_parser(dataset: str, *, k: int = 5, n: int = 2) -> argparse.ArgumentPa
     add(method, "--classifier", choices=("trainable", "random"), default="trainable", help="local classifiers")
     switch(method, "--bptt", "plain BPTT over the whole T (ignores k, n, classifier)")
     switch(method, "--sj-neurons", "SpikingJelly's own LIF loop instead of the strategy's kernel")
-    hyper = parser.add_argument_group("hyperparameters (defaults: the paper's)")
+    hyper = parser.add_argument_group("hyperparameters (defaults: the paper's, with the accuracy study's recipe)")
     add(hyper, "--loss", choices=("mse", "ce"), default=setting["loss"], help="output and local losses")
-    add(hyper, "--lr", type=float, default=setting["lr"], help=f"Table 1 range: {spec.lr_range}")
+    add(
+        hyper,
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate; default: {spec.recipe_lr:g} at Table 1's batch of {spec.lr_batch_size} scaled to "
+        f"--batch-size ({setting['lr']:g} at {spec.batch_size}); with --scale-lr=false Table 1's lower end, "
+        f"{spec.lr_range[0]:g} (range {spec.lr_range})",
+    )
+    switch(hyper, "--scale-lr", "scale the default learning rate to --batch-size (false: the paper's raw value)", True)
+    switch(
+        hyper,
+        "--balance-output",
+        "balance the output layer's bias from one batch when training starts (false: PyTorch's default init, as the "
+        "paper)",
+        True,
+    )
     add(hyper, "--dropout", type=float, default=setting["dropout"], help=f"Table 1 range: {spec.dropout_range}")
     add(hyper, "--batch-size", type=int, default=spec.batch_size, help="samples per batch")
     add(hyper, "--T", type=int, default=spec.n_steps, help="time steps (event data: frames per sample)")
@@ -207,6 +219,10 @@ def train_main(dataset: str, argv: list[str] | None = None, *, k: int = 5, n: in
     in_sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
     parser = train_parser(dataset, k=k, n=n)
     args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be a positive int, got {args.batch_size}")
+    if args.lr is None:  # the recipe's learning rate for this batch (or the paper's raw one): one value to log
+        args.lr = paper_setting(dataset, batch_size=args.batch_size, scale_lr=args.scale_lr)["lr"]
 
     accepted = inspect.signature(spec.datamodule).parameters
     if args.download and "download" not in accepted:
@@ -229,6 +245,7 @@ def train_main(dataset: str, argv: list[str] | None = None, *, k: int = 5, n: in
                 "loss": args.loss,
                 "lr": args.lr,
                 "dropout": args.dropout,
+                "balance_output": args.balance_output,
             }
         )
         return datamodule, model

@@ -75,6 +75,7 @@ def test_config_instantiates_the_paper_setting(name: str, tmp_path: Path, monkey
         del setting["momentum"]  # unused by Adam, so the config leaves it out
     for key, value in setting.items():
         assert _normalise(cli.model.hparams[key]) == _normalise(value), key
+    assert cli.model.hparams["balance_output"] is True  # the study's recipe, as PaperClassifier's default
 
     spec = DATASETS[name]
     expected = spec.make_datamodule("data")

@@ -221,6 +221,7 @@ def test_every_template_value_is_a_flag_its_program_accepts(template):
             parsed = vars(parser.parse_args(_agent_args({**first, name: value})))
             assert parsed[name] == value, name
     extra = {"reference_acc": 0.97, "batch_size": 8, "limit_train_batches": 0.5, "bptt": False, "sj_neurons": True}
+    extra |= {"scale_lr": False, "balance_output": False}  # the paper's raw settings, as the templates say
     parsed = vars(parser.parse_args(_agent_args(extra)))
     assert {key: parsed[key] for key in extra} == extra
 

@@ -29,6 +29,17 @@ def test_train_main_writes_a_csv_log(tmp_path: Path) -> None:
     hparams = load_hparams_from_yaml(run / "hparams.yaml")
     assert (hparams["k"], hparams["n"], hparams["T"], hparams["method"]) == (1, 1, 2, "tlbptt")
     assert hparams["sj_neurons"] is False
+    # the study's recipe by default: the paper's EMNIST rate (0.4 at batch 1,024) scaled to batch 8, output balanced
+    assert hparams["lr"] == pytest.approx(0.4 * 8 / 1024) and hparams["balance_output"] is True
+
+
+def test_the_papers_raw_settings_come_back_with_two_switches(tmp_path: Path) -> None:
+    argv = ["--T", "2", "--k", "1", "--n", "1", "--batch-size", "8", "--epochs", "1", "--accelerator", "cpu"]
+    argv += ["--limit-train-batches", "1", "--limit-val-batches", "1", "--log-dir", str(tmp_path)]
+    assert train_main("mnist5k", [*argv, "--balance-output=false", "--scale_lr=False"]) == 0
+    (run,) = (tmp_path / "mnist5k-k1-n1-trainable").iterdir()
+    hparams = load_hparams_from_yaml(run / "hparams.yaml")
+    assert hparams["lr"] == 0.2 and hparams["balance_output"] is False  # Table 1's lower end, at any batch
 
 
 def test_wandb_logger_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
