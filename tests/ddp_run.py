@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT, slicing
+from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT, TruncatedLocalBPTTDDP, slicing
 
 from snn_fixtures import GradRecorder, conv_net
 
@@ -54,7 +54,7 @@ def main(out: Path, mode: str) -> None:
     find_runs = slicing.find_runs  # every layer in one-step slices, not only the widest, whatever the caller passes
     slicing.find_runs = lambda *args, **kwargs: find_runs(*args, **{**kwargs, "coarsen": False})
     trainer = L.Trainer(
-        strategy=TruncatedLocalBPTT(k=2, n=1, slice_bytes=1),  # on every rank
+        strategy=(TruncatedLocalBPTTDDP if devices > 1 else TruncatedLocalBPTT)(k=2, n=1, slice_bytes=1),
         accelerator="cpu",
         devices=devices,
         max_epochs=1,

@@ -75,12 +75,15 @@ def event_batches(
 
 
 class GradRecorder(L.Callback):
-    """Snapshot of every parameter gradient right before each optimizer step."""
+    """Snapshot of every parameter gradient right before each optimizer step, the strategy's local classifiers'
+    (which are not part of the module) under ``local_classifiers.<i>.<name>``."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, torch.Tensor]] = []
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self.steps.append(
-            {name: p.grad.detach().clone() for name, p in pl_module.named_parameters() if p.grad is not None}
-        )
+        named = list(pl_module.named_parameters())
+        classifiers = getattr(trainer.strategy, "local_classifiers", None)
+        if classifiers is not None:
+            named += [(f"local_classifiers.{name}", p) for name, p in classifiers.named_parameters()]
+        self.steps.append({name: p.grad.detach().clone() for name, p in named if p.grad is not None})

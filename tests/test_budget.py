@@ -53,7 +53,8 @@ def _fit(budget: str | int, T: int = 16) -> TruncatedLocalBPTT:
     strategy = TruncatedLocalBPTT(k="auto", n=1, memory_budget=budget)
     module = SpikingClassifier(conv_net(), lr=0.05, lr_step_epochs=0)
     L.Trainer(
-        strategy=strategy, accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+        strategy=strategy, accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     ).fit(module, event_batches(n=16, T=T, batch_size=16))  # fmt: skip
     return strategy

@@ -16,13 +16,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_tlbptt.checkpointing import strip_local_classifiers
 from lightning_tlbptt.classifiers import LocalClassifier
 from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe
-from lightning_tlbptt.strategy import TruncatedLocalBPTT, strip_local_classifiers
+from lightning_tlbptt.strategy import TruncatedLocalBPTT, TruncatedLocalBPTTDDP
 
 _LAZY = {
     "CostMonitor": "lightning_tlbptt.measure.callbacks",
@@ -69,6 +70,7 @@ __all__ = [
     "SpikeDensityMonitor",
     "SpikingClassifier",
     "TruncatedLocalBPTT",
+    "TruncatedLocalBPTTDDP",
     "build_model",
     "estimate",
     "figure_of_merit",

@@ -39,7 +39,6 @@ PORTED_IMPORTS = {
     "import pytorch_lightning as pl": "import lightning.pytorch as pl",
     "from pytorch_lightning import LightningModule": "from lightning.pytorch import LightningModule",
 }
-PL_SUPPORT = "pytorch_lightning support: issue 22"
 #: not in issue 22: plain torch layers called on ``x_seq.flatten(0, 1)`` (``functional.seq_to_ann_forward``)
 FOLDED = (
     "time folded into the batch (functional.seq_to_ann_forward on plain torch layers): the entry or a block "
@@ -285,8 +284,8 @@ def _cases(check: str, only_pytorch_lightning: bool = False) -> list[Any]:
         if only_pytorch_lightning and not client.uses_pytorch_lightning:
             continue
         reason = client.xfail.get(check)
-        if check == "pytorch_lightning":
-            reason = client.xfail.get(check, PL_SUPPORT)
+        if check == "pytorch_lightning":  # the same local fit as "local", under pytorch_lightning's Trainer
+            reason = client.xfail.get(check, client.xfail.get("local"))
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         cases.append(pytest.param(client, id=f"{client.name}-{client.case}", marks=marks))
     return cases

@@ -1,0 +1,177 @@
+"""Probing the user's network on the first training batch: where to cut it, and its local classifiers.
+
+At the first training batch of a fit (not at setup: setup must draw no random number and start no DataLoader
+iterator, so that a seeded run equals plain Lightning's), the user's own ``training_step`` runs on a copy of the batch
+up to the network call, where a hook captures the network's input and stops the step. The network is then observed
+on that input (:func:`~lightning_tlbptt.partitioning.observe`): its layers, blocks, entry and ``T``. Every random
+stream (torch, CUDA, numpy, Python) is put back afterwards, and nothing the step logs is kept.
+
+One :class:`~lightning_tlbptt.classifiers.LocalClassifier` is built per block but the last, sized on what the block
+handed on in the probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from lightning_utilities.core.apply_func import apply_to_collection
+from spikingjelly.activation_based import functional
+from torch import Tensor, nn
+
+from lightning_tlbptt import slicing
+from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
+from lightning_tlbptt.partitioning import Partition, PartitionError, observe
+
+__all__ = [
+    "Probe",
+    "fingerprint",
+    "forked_random_streams",
+    "make_classifiers",
+    "probe",
+    "size_classifiers",
+    "step_args",
+    "versions_of",
+]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What one probe of the network found.
+
+    Attributes:
+        partition: layers, blocks, entry, output width.
+        T: time steps the network's entry received (``None`` for single-step networks).
+        entry_shape: what the entry received, ``[T, B, ...]`` (``None`` for single-step networks).
+        args, kwargs: the network's input in the probe (for measuring chunks with ``k='auto'``).
+        block_inputs: what each block after the first received (one time step, detached).
+        runs: the layers run in time slices (empty when slicing is off).
+        fingerprint: the network's module tree, to notice a network rewrapped after the probe.
+        edits_batch: the step edited its batch in place before it called the network (so every chunk after the
+            first needs a copy of the batch as the loader gave it).
+    """
+
+    partition: Partition
+    T: int | None
+    entry_shape: tuple[int, ...] | None
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    block_inputs: list[Tensor]
+    runs: list[slicing.Run]
+    fingerprint: list[tuple[str, type]]
+    edits_batch: bool
+
+
+class _Captured(Exception):
+    """Raised by a hook to stop the user's training step once the network's input is known."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args, self.kwargs = args, kwargs
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands in for ``LightningModule.log`` while the probe runs: what the step logs there is not training."""
+
+
+@contextlib.contextmanager
+def forked_random_streams(device: torch.device) -> Iterator[None]:
+    """Every random stream a user's step or dataset may draw from, put back as it was on exit."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+
+
+def step_args(module: pl.LightningModule, batch: Any, batch_idx: int) -> tuple[Any, ...]:
+    """The positional arguments Lightning passes to ``training_step``: ``batch_idx`` only if it takes one."""
+    takes_idx = is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2)
+    return (batch, batch_idx) if takes_idx else (batch,)
+
+
+def probe(
+    module: pl.LightningModule,
+    net: nn.Module,
+    batch: Any,
+    n: int | None,
+    *,
+    cut_time: bool,
+    slice_bytes: int | None,
+    coarsen: bool = True,
+) -> Probe:
+    """Run the user's training step on a copy of ``batch`` up to the network call and observe the network there."""
+    batch = apply_to_collection(batch, Tensor, lambda t: t.clone())  # the step may edit its batch in place
+    versions = versions_of(batch)
+
+    def capture(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, kwargs)
+
+    handle = net.register_forward_pre_hook(capture, with_kwargs=True)
+    module.log = module.log_dict = _ignore  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            module.training_step(*step_args(module, batch, 0))
+    except _Captured as captured:
+        args, kwargs = captured.args, captured.kwargs
+    else:
+        raise PartitionError(
+            f"{type(module).__name__}.training_step did not call the network {type(net).__name__}: "
+            "TruncatedLocalBPTT cuts the network as your training_step runs it. Call it there (directly or "
+            "through forward), or pass network='<attribute>' naming the network it calls."
+        )
+    finally:
+        handle.remove()
+        del module.log, module.log_dict
+    found = observe(net, n, args, kwargs, slice_time=cut_time)
+    layers = [layer.modules for layer in found.partition.layers]
+    runs = slicing.find_runs(net, layers, slice_bytes, coarsen=coarsen) if slice_bytes else []
+    edits = versions_of(batch) != versions
+    return Probe(
+        found.partition, found.T, found.entry_shape, args, kwargs, found.block_inputs, runs, fingerprint(net), edits
+    )
+
+
+def versions_of(batch: Any) -> list[int]:
+    """The version counters of a batch's tensors: they change when a tensor is edited in place."""
+    found: list[int] = []
+    apply_to_collection(batch, Tensor, lambda t: found.append(t._version))
+    return found
+
+
+def make_classifiers(probed: Probe, *, kind: ClassifierKind, pool: int, seed: int) -> nn.ModuleList:
+    """One local classifier per block but the last, its linear layer not yet sized (:func:`size_classifiers`)."""
+    part = probed.partition
+    return nn.ModuleList(
+        LocalClassifier(part.num_classes, part.neuron_template, kind=kind, pool=pool, seed=seed + block.index)
+        for block in part.blocks[:-1]
+    )
+
+
+def size_classifiers(classifiers: nn.ModuleList, probed: Probe) -> None:
+    """Run each classifier once, without gradient, on its block's probe output: sizes its lazy layer, names a
+    misfit."""
+    per_step = probed.partition.step_mode == "s"
+    with torch.no_grad():
+        for b, (classifier, h) in enumerate(zip(classifiers, probed.block_inputs, strict=True)):
+            try:
+                classifier(h.unsqueeze(0) if per_step else h)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the local classifier of block {b} cannot read the block's output of shape {list(h.shape)} "
+                    f"(one time step): {err}"
+                ) from err
+    functional.reset_net(classifiers)
+
+
+def fingerprint(net: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(m)) for name, m in net.named_modules()]
