@@ -300,6 +300,18 @@ def report(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no rows in {args.out}")
         return 1
+    # datasets this study has not re-run yet are shown from an earlier one (--earlier), and titled so
+    earlier: set[str] = set()
+    if args.earlier:
+        out, curves_file = args.earlier
+        have = {r["dataset"] for r in rows}
+        rows += [r for r in _read(out) if r["dataset"] not in have]
+        curves += [c for c in _read(curves_file) if c["dataset"] not in have]
+        earlier = {r["dataset"] for r in rows} - have
+
+    def title(d: str) -> str:
+        return DATASET_NAMES[d] + (" (earlier run)" if d in earlier else "")
+
     args.img.mkdir(parents=True, exist_ok=True)
     datasets = [d for d in DATASET_NAMES if any(r["dataset"] == d for r in rows)]
     colors = dict(zip(SETTINGS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red"], strict=True))
@@ -313,7 +325,7 @@ def report(args: argparse.Namespace) -> int:
         base_sec = statistics.fmean(float(r["seconds_per_epoch"]) for r in base) if base else math.nan
         first = next(r for r in rows if r["dataset"] == d)
         print(
-            f"\n### {DATASET_NAMES[d]}: T = {first['T']}, batch {first['batch_size']}, lr {float(first['lr']):g}, "
+            f"\n### {title(d)}: T = {first['T']}, batch {first['batch_size']}, lr {float(first['lr']):g}, "
             f"dropout {first['dropout']}, {first['epochs']} epochs\n"
         )
         print(
@@ -357,7 +369,7 @@ def report(args: argparse.Namespace) -> int:
                     alpha=0.8,
                     label=LABELS[s] if i == 0 else None,
                 )
-        ax.set_title(f"{DATASET_NAMES[d]}: validation accuracy per epoch (one line per seed)")
+        ax.set_title(f"{title(d)}: validation accuracy per epoch (one line per seed)")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation accuracy (%)")
@@ -383,7 +395,7 @@ def report(args: argparse.Namespace) -> int:
         ax.set_xticks([10, 20, 50, 100, 200, 500])
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{DATASET_NAMES[d]}: accuracy against training memory")
+        ax.set_title(f"{title(d)}: accuracy against training memory")
         ax.set_xlabel("peak training memory, MiB (saved activations + state; log scale)")
         ax.set_ylabel("final validation accuracy (%)")
         ax.grid(alpha=0.3, which="both")
@@ -423,7 +435,7 @@ def report(args: argparse.Namespace) -> int:
                     capsize=4,
                     label=f"n = {n}, {kind}",
                 )
-        ax.set_title(f"{DATASET_NAMES[d]}: accuracy against k (mean, bars min-max)")
+        ax.set_title(f"{title(d)}: accuracy against k (mean, bars min-max)")
         ax.set_xlabel("k (time steps per truncated chunk)")
         ax.set_ylabel("final validation accuracy (%)")
         ax.set_xticks([2, 5, 10])
@@ -465,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_study.csv")
     parser.add_argument("--curves", type=Path, default=RESULTS / "accuracy_study_curves.csv")
     parser.add_argument("--img", type=Path, default=DOCS_IMG)
+    parser.add_argument(
+        "--earlier", type=Path, nargs=2, metavar=("OUT", "CURVES"),
+        help="--report: an earlier study's CSVs, for the datasets --out has no rows of (titled 'earlier run')",
+    )  # fmt: skip
     parser.add_argument("--report", action="store_true", help="tables and figures from the CSVs; no training")
     parser.add_argument("--smoke", action="store_true", help="time BPTT and k2n1 for one epoch on each dataset")
     parser.add_argument(
