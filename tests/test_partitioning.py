@@ -224,11 +224,6 @@ def test_a_compiled_network_is_partitioned_through_its_original():
     assert len(found.partition.blocks) == 3 and found.partition.num_classes == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch.compile (issue 22, pattern 8): fit must run a compiled network eagerly, e.g. under "
-    "torch.compiler.set_stance('force_eager'); today dynamo traces the strategy's hooks and neuron kernel",
-)
 def test_a_compiled_network_trains_through_the_strategy_and_stays_compiled(make_trainer):
     def fit(compiled: bool, strategy: TruncatedLocalBPTT | None) -> SpikingClassifier:
         net = conv_net()

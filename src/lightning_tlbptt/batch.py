@@ -84,7 +84,7 @@ class BatchState:
         blocks: number of local classifiers (blocks but the last).
         window: time steps ``[start, stop)`` the network's entry passes on in this chunk.
         seen_T: the time steps the network's entry received in this batch (known after its first call).
-        target: the local classifiers' target for this batch, ``[B]`` or ``[B, C]``.
+        target: the local classifiers' target for this batch, ``[B]`` or ``[B, C]`` (``None``: a label-free loss).
         losses: per local classifier, the sum of its losses over the chunks run (detached, on the device).
         readouts: per local classifier, the readouts of a single-step network's steps in this chunk
             (``[1, B, C]`` each), whose loss is taken once at the chunk's end.

@@ -34,11 +34,22 @@ def describe(value: Any) -> str:
 
 
 def local_target(
-    batch: Any, batch_idx: int, num_classes: int, target: Callable[[Any], Tensor] | None, device: torch.device
-) -> Tensor:
-    """The local classifiers' target for this batch, checked against the network's output width."""
+    batch: Any,
+    batch_idx: int,
+    num_classes: int,
+    target: Callable[[Any], Tensor | None] | None,
+    device: torch.device,
+    label_free: bool = False,
+) -> Tensor | None:
+    """The local classifiers' target for this batch, checked against the network's output width.
+
+    Class indices ``[B]`` of any integer dtype (as ``long``), or per-class targets ``[B, C]``; a one-output binary
+    head takes 0/1 labels ``[B]`` or ``[B, 1]`` of any dtype (as float ``[B, 1]``). ``label_free``: the local loss is
+    the user's own, so a ``target`` function may return ``None`` (a module without labels)."""
     if target is not None:
         found = target(batch)
+        if found is None and label_free:
+            return None
     elif isinstance(batch, (tuple, list)) and len(batch) > 1:
         found = batch[1]
     elif isinstance(batch, Mapping):
@@ -48,11 +59,21 @@ def local_target(
     if not isinstance(found, Tensor):
         raise ValueError(
             f"the local classifiers need the batch's target but batch[1] (or batch['target'|'label'|'y']) is "
-            f"{describe(found)}. Pass TruncatedLocalBPTT(target=lambda batch: <class indices [B]>), or n=None "
-            "(one block: no local classifier, only your own loss)."
+            f"{describe(found)}. Pass TruncatedLocalBPTT(target=lambda batch: <class indices [B]>); for a module "
+            "without labels pass a local loss that needs none, TruncatedLocalBPTT(loss=lambda out_seq, target: "
+            "<scalar from out_seq [k, B, C]>, target=lambda batch: None); or n=None (one block: no local "
+            "classifier, only your own loss)."
         )
     if found.numel() == 0:
         raise ValueError(f"batch {batch_idx} is empty: its target has shape {list(found.shape)}.")
+    if num_classes == 1:
+        if found.dim() > 2 or found.shape[0] != found.numel() or not bool(((found == 0) | (found == 1)).all()):
+            raise ValueError(
+                f"the network has one output (a binary head), so the local classifiers read the target as 0/1 labels "
+                f"[B] or [B, 1], but batch {batch_idx}'s has shape {list(found.shape)} and values other than 0 and "
+                "1. Pass TruncatedLocalBPTT(target=lambda batch: <0/1 labels>)."
+            )
+        return found.reshape(-1, 1).float().to(device)
     if found.dim() == 1:
         if found.is_floating_point() or found.is_complex() or found.dtype == torch.bool:
             raise ValueError(

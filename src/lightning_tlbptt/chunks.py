@@ -23,6 +23,7 @@ networks whose time loop lives in the training step, in the batch (:meth:`ChunkL
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -34,16 +35,17 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from spikingjelly.activation_based import base
 from torch import Tensor, nn
+from torch._dynamo import OptimizedModule  # torch.compile's wrapper; Lightning imports it from here too
 
 from lightning_tlbptt import cuts, packing
 from lightning_tlbptt.batch import BatchState, LocalGradients, tensors
 from lightning_tlbptt.checks import SilenceCheck, local_target
 from lightning_tlbptt.layout import time_chunks
-from lightning_tlbptt.losses import LocalLoss
+from lightning_tlbptt.losses import LocalLoss, rate_cross_entropy, rate_mse
 from lightning_tlbptt.probe import Probe, versions_of
 from lightning_tlbptt.states import StateStreams
 
-__all__ = ["ChunkLoop", "Split", "split_along_time"]
+__all__ = ["ChunkLoop", "Split", "explain_cut_batch", "split_along_time"]
 
 Split = Literal["network", "batch"]
 
@@ -107,12 +109,17 @@ class ChunkLoop:
         self.module, self.net, self.probed, self.classifiers = module, net, probed, classifiers
         self.k, self.split, self.split_batch = k, split, split_batch
         self.loss_fn, self.target, self.silence = loss_fn, target, silence
+        self.label_free = loss_fn not in (rate_mse, rate_cross_entropy)  # the user's own loss may need no label
         self.pack_spikes, self.device, self.stop = pack_spikes, device, stop
         memory = [m for owner in (net, classifiers) for m in owner.modules() if isinstance(m, base.MemoryModule)]
         self.streams = StateStreams(memory)
         trainable = [p for owner in (module, classifiers) for p in owner.parameters() if p.requires_grad]
         self.gradients = LocalGradients(list({id(p): p for p in trainable}.values()), scale)
         self.output_spikes = cuts.is_spiking_output(probed.partition)
+        self.compiled = any(
+            isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+            for m in module.modules()
+        )
         self.state: BatchState | None = None
         self.chunks_seen: int | None = None
         """Chunks the last batch had."""
@@ -153,12 +160,21 @@ class ChunkLoop:
                         randomness.restore()
                     if len(self.classifiers) and (index == 0 or self.split == "batch"):
                         state.target = local_target(
-                            chunk, batch_idx, self.probed.partition.num_classes, self.target, self.device
+                            chunk,
+                            batch_idx,
+                            self.probed.partition.num_classes,
+                            self.target,
+                            self.device,
+                            label_free=self.label_free,
                         )
                     self.streams.start_chunk()
                     state.seen_T = None if self.split == "network" else state.seen_T
                     self.gradients.clear()
-                    output = run_one({**kwargs, "batch": chunk})
+                    try:
+                        output = run_one({**kwargs, "batch": chunk})
+                    except Exception as err:
+                        self._explain(err, state)
+                        raise
                     self.streams.end_chunk()
                     if self.stop():  # max_steps counts optimizer steps: it can fall inside a batch
                         break
@@ -168,6 +184,10 @@ class ChunkLoop:
             self.gradients.clear()
             self.state = None
         return output
+
+    def _explain(self, err: Exception, state: BatchState) -> None:
+        if self.split == "batch" and state.seen_T not in (None, 1):
+            explain_cut_batch(err, self.k, f"chunk {state.chunk} of batch {state.batch_idx}")
 
     def after_step(self) -> None:
         """Inside the training step, after the user's step returned: the chunk's deferred local losses."""
@@ -195,6 +215,8 @@ class ChunkLoop:
                 output_spikes=self.output_spikes,
             ),
             packing.binary_saved_tensors(self.module, bits=self.pack_spikes),
+            # a torch.compile'd network runs eagerly while it is cut: dynamo would trace the hooks and the kernel
+            torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext(),
         ):
             yield
 
@@ -234,6 +256,16 @@ def _copy_if_chunked(batch: Any, loop: ChunkLoop) -> Any:
     if loop.split == "network" and loop.edits_batch and many:
         return apply_to_collection(batch, Tensor, lambda t: t.clone())
     return None
+
+
+def explain_cut_batch(err: Exception, k: int, where: str) -> None:
+    """A user's own check on the number of time steps failed on a cut batch: say that it saw ``k`` steps."""
+    if not getattr(err, "__notes__", None):
+        err.add_note(
+            f"TruncatedLocalBPTT ran your training_step on {where}: its batch was cut along time_dim to k={k} time "
+            "steps (time_split='batch'). If your module checks the number of time steps against a configured T, "
+            "compare with the input's own length instead, or train with k=T."
+        )
 
 
 def split_along_time(batch: Any, k: int, time_dim: int) -> list[Any]:

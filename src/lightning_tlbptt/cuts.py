@@ -85,7 +85,6 @@ def installed(
         if per_step:
             state.readouts[index].append(readout)
         else:
-            assert state.target is not None
             state.add_loss(index, loss_fn(readout, state.target))
             note_spikes(f"the local classifier of block {index}", readout)
         return _put_tensor(args, kwargs, h.detach())
@@ -129,7 +128,6 @@ def finish_chunk(state: BatchState, loss_fn: LocalLoss, note_spikes: NoteSpikes)
     """Single-step networks: one local loss per block over the readouts of the chunk's steps."""
     for i, steps in enumerate(state.readouts):
         if steps:
-            assert state.target is not None
             readout = torch.cat(steps)
             state.add_loss(i, loss_fn(readout, state.target))
             note_spikes(f"the local classifier of block {i}", readout)

@@ -1,7 +1,8 @@
 """Local losses on a chunk of network or classifier output.
 
 Every loss takes the output sequence of one chunk, ``out_seq`` ``[k, B, C]``, and the target: class
-indices ``[B]`` or per-class targets ``[B, C]`` (one-hot or soft), and returns a scalar.
+indices ``[B]`` or per-class targets ``[B, C]`` (one-hot or soft; ``[B, 1]`` of 0/1 for a one-output binary head),
+and returns a scalar. A user's loss for a module without labels receives ``target=None``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ def rate_mse(out_seq: Tensor, target: Tensor) -> Tensor:
 
 
 def rate_cross_entropy(out_seq: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy on the chunk-averaged output (the paper's choice for VGG11 and ResNet18)."""
-    return F.cross_entropy(out_seq.mean(0), target)
+    """Cross-entropy on the chunk-averaged output (the paper's choice for VGG11 and ResNet18); with one output (a
+    binary head, target ``[B, 1]`` of 0/1) binary cross-entropy on it as a logit."""
+    mean = out_seq.mean(0)
+    if mean.shape[-1] == 1:
+        return F.binary_cross_entropy_with_logits(mean, target.to(mean.dtype).reshape(mean.shape))
+    return F.cross_entropy(mean, target)
 
 
 _BY_NAME: dict[str, LocalLoss] = {"mse": rate_mse, "ce": rate_cross_entropy}

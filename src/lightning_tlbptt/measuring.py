@@ -87,7 +87,9 @@ def _measure_chunk(loop: ChunkLoop, batch: Any, optimizer: torch.optim.Optimizer
             ),
         ):
             state.target = (
-                local_target(batch, 0, loop.probed.partition.num_classes, loop.target, device)
+                local_target(
+                    batch, 0, loop.probed.partition.num_classes, loop.target, device, label_free=loop.label_free
+                )
                 if len(loop.classifiers)
                 else None
             )

@@ -32,6 +32,7 @@ from lightning_tlbptt.partitioning import Partition, PartitionError, observe
 
 __all__ = [
     "Probe",
+    "count_calls",
     "fingerprint",
     "forked_random_streams",
     "make_classifiers",
@@ -146,6 +147,27 @@ def versions_of(batch: Any) -> list[int]:
     found: list[int] = []
     apply_to_collection(batch, Tensor, lambda t: found.append(t._version))
     return found
+
+
+def count_calls(module: pl.LightningModule, net: nn.Module, batch: Any) -> int:
+    """How often the user's whole training step calls ``net`` on a copy of ``batch`` (without gradient)."""
+    batch = apply_to_collection(batch, Tensor, lambda t: t.clone())
+    calls = 0
+
+    def count(_: nn.Module, args: tuple[Any, ...]) -> None:
+        nonlocal calls
+        calls += 1
+
+    handle = net.register_forward_pre_hook(count)
+    module.log = module.log_dict = _ignore  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            module.training_step(*step_args(module, batch, 0))
+    finally:
+        handle.remove()
+        del module.log, module.log_dict
+        functional.reset_net(net)
+    return calls
 
 
 def make_classifiers(probed: Probe, *, kind: ClassifierKind, pool: int, seed: int) -> nn.ModuleList:

@@ -39,14 +39,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_tlbptt import _lightning, _twin, budget, checkpointing, measuring, neurons
-from lightning_tlbptt.batch import average_over_ranks, batch_size
+from lightning_tlbptt.batch import average_over_ranks, batch_size, tensors
 from lightning_tlbptt.checks import SilenceCheck, check_gradients
-from lightning_tlbptt.chunks import ChunkLoop, Split, split_along_time
+from lightning_tlbptt.chunks import ChunkLoop, Split, explain_cut_batch, split_along_time
 from lightning_tlbptt.classifiers import ClassifierKind
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.partitioning import _check_spiking as check_spiking
 from lightning_tlbptt.partitioning import find_network
-from lightning_tlbptt.probe import forked_random_streams, make_classifiers, probe, size_classifiers
+from lightning_tlbptt.probe import count_calls, forked_random_streams, make_classifiers, probe, size_classifiers
 
 __all__ = ["TimeSplit", "TruncatedLocalBPTT", "TruncatedLocalBPTTDDP"]
 
@@ -280,21 +280,29 @@ class _Algorithm:
         assert self._net is not None
         trainer = module.trainer
         device = self.root_device  # type: ignore[attr-defined]
+        split_batch = self.split_batch
+        if self._split == "batch" and not self._time_axis_in_batch(module, batch):
+            split_batch = _whole  # the time loop runs over a static input and k covers it: one chunk a batch
         if self._split == "batch":
-            chunks = self.split_batch(batch, self.k if isinstance(self.k, int) else 1)
+            chunks = split_batch(batch, self.k if isinstance(self.k, int) else 1)
             if not chunks:
                 raise ValueError("the batch is empty along its time axis: nothing to train on.")
             batch = chunks[0]
         with forked_random_streams(device):
-            probed = probe(
-                module,
-                self._net,
-                batch,
-                self.n,
-                cut_time=self._split == "network",
-                slice_bytes=self.slice_bytes,
-                coarsen=self.coarsen_slices,
-            )
+            try:
+                probed = probe(
+                    module,
+                    self._net,
+                    batch,
+                    self.n,
+                    cut_time=self._split == "network",
+                    slice_bytes=self.slice_bytes,
+                    coarsen=self.coarsen_slices,
+                )
+            except Exception as err:
+                if self._split == "batch" and isinstance(self.k, int):
+                    explain_cut_batch(err, self.k, "the first chunk of the first batch, to find the network's cuts")
+                raise
             classifiers = make_classifiers(probed, kind=self.classifier, pool=self.classifier_pool, seed=self.seed)
             # on the device and in the precision the module trains in (64-true, bf16-true) before they are sized
             classifiers = self.precision_plugin.convert_module(classifiers.to(device))  # type: ignore[attr-defined]
@@ -324,7 +332,7 @@ class _Algorithm:
             classifiers,
             k=self.k if isinstance(self.k, int) else 1,
             split=self._split,
-            split_batch=self.split_batch,
+            split_batch=split_batch,
             loss_fn=self.loss_fn,
             target=self.target,
             silence=self._silence,
@@ -348,6 +356,32 @@ class _Algorithm:
             + " | ".join(",".join(b.names) for b in blocks)
         )
         return loop
+
+    def _time_axis_in_batch(self, module: pl.LightningModule, batch: Any) -> bool:
+        """A single-step network is cut in the batch: its step must call it once per step of the batch's time axis.
+
+        A step that calls it a number of times unrelated to the batch loops over a static input: fine in one chunk
+        (``k`` at least the number of calls), refused with the change that makes it work otherwise."""
+        assert self._net is not None
+        if callable(getattr(module, "tbptt_split_batch", None)):
+            return True  # the module cuts its own batches
+        with forked_random_streams(self.root_device):  # type: ignore[attr-defined]
+            calls = count_calls(module, self._net, batch)
+        found = tensors(batch)
+        steps = found[0].shape[self.time_dim] if found and found[0].dim() > self.time_dim else None
+        if calls <= 1 or calls == steps:
+            return True
+        if isinstance(self.k, int) and self.k >= calls:
+            return False
+        shape = list(found[0].shape) if found else None
+        raise MisconfigurationException(
+            f"every neuron of {type(self._net).__name__} runs in step_mode='s' and your training_step calls it "
+            f"{calls} times per batch, but the batch's time axis (time_dim={self.time_dim} of {shape}) has "
+            f"{steps} steps: the time loop runs over a static input, so there is no time axis to cut at k={self.k}. "
+            "Make the network multi-step and call it once on [T, B, ...]: functional.set_step_mode(net, 'm') and "
+            "net(x.unsqueeze(0).repeat(T, *[1] * x.dim())) (then the strategy cuts T where the network receives "
+            "it), yield batches with a time axis and pass time_dim=, or train with k >= the number of calls."
+        )
 
     def _check_T(self, probed: Any) -> None:
         shape = probed.entry_shape
@@ -487,6 +521,10 @@ class _Algorithm:
             return self.time_split
         modes = {m.step_mode for m in net.modules() if isinstance(m, base.StepModule) and hasattr(m, "v_threshold")}
         return "batch" if modes == {"s"} else "network"
+
+
+def _whole(batch: Any, k: int) -> list[Any]:
+    return [batch]
 
 
 class TruncatedLocalBPTT(_Algorithm, SingleDeviceStrategy):

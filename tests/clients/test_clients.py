@@ -26,6 +26,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,12 +45,14 @@ FOLDED = (
     "time folded into the batch (functional.seq_to_ann_forward on plain torch layers): the entry or a block "
     "boundary receives [T * B, ...] (new pattern, not in issue 22)"
 )
-LOOP_IN_FORWARD = "single-step network with its time loop in forward (issue 22, pattern 7)"
-LOOP_IN_STEP = (
-    "single-step network with its time loop in training_step on a static image: no time axis to cut, so one chunk "
-    "per batch (issue 22, pattern 7)"
+LOOP_IN_FORWARD = (
+    "single-step network with its time loop in forward (issue 22, pattern 7): refused at setup with the change that "
+    "makes it work, or the user's own T check hinted at k (test_single_step_time_loops_get_the_fix_or_a_hint)"
 )
-BINARY = "one-logit head trained with BCE: its labels are refused as class indices (issue 22, pattern 6)"
+LOOP_IN_STEP = (
+    "single-step network with its time loop in training_step on a static image: no time axis to cut (issue 22, "
+    "pattern 7): refused at setup with the change that makes it work (test_single_step_time_loops_get_the_fix...)"
+)
 
 
 def load(client: str, file: str, package: str = "lightning") -> ModuleType:
@@ -245,7 +248,6 @@ CLIENT_LIST: list[Client] = [
         k=2,
         metrics=("train_loss", "train_accuracy"),
         uses_pytorch_lightning=False,
-        xfail={"local": BINARY, "after": BINARY},
     ),
     Client(
         name="fixtures",
@@ -268,7 +270,7 @@ CLIENT_LIST: list[Client] = [
         k=2,
         metrics=(),
         uses_pytorch_lightning=False,
-        xfail={"local": LOOP_IN_STEP},
+        xfail={"local": LOOP_IN_STEP, "after": LOOP_IN_STEP},
     ),
 ]
 
@@ -399,3 +401,31 @@ def test_the_original_pytorch_lightning_import_trains(client: Client, tmp_path: 
     _seeded_fit(trainer, user, client.data())
     assert _moved(before, user)
     assert set(client.metrics) <= set(trainer.callback_metrics)
+
+
+@pytest.mark.parametrize(
+    ("client", "error", "words"),
+    [
+        (CLIENT_LIST[i], error, words)
+        for i, c in enumerate(CLIENT_LIST)
+        for case, error, words in (
+            ("SpikingJelly", MisconfigurationException, r"calls it 4 times per batch.*set_step_mode\(net, 'm'\)"),
+            ("LightningSNN", MisconfigurationException, r"calls it 4 times per batch.*set_step_mode\(net, 'm'\)"),
+            ("SpikingJellyTimeStepsInData", ValueError, r"timesteps differs"),
+        )
+        if c.case == case
+    ],
+    ids=lambda v: v.case if isinstance(v, Client) else None,
+)
+def test_single_step_time_loops_get_the_fix_or_a_hint(
+    client: Client, error: type, words: str, make_trainer: Any
+) -> None:
+    """A static input looped over T in forward or training_step is refused before any step, naming the change that
+    makes it work; a time loop over the batch's own steps trains, and the user's own T check hears about k."""
+    user = _params(client, load(client.name, client.file))
+    before = _snapshot(user)
+    with pytest.raises(error, match=words) as raised:
+        _seeded_fit(make_trainer(strategy=TruncatedLocalBPTT(k=client.k, n=1)), user, client.data())
+    assert not _moved(before, user)
+    if error is ValueError:
+        assert any(f"k={client.k} time steps" in note for note in getattr(raised.value, "__notes__", []))
