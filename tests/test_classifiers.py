@@ -60,8 +60,9 @@ def features(seed: int = 0) -> torch.Tensor:
     return torch.rand(16, 64, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def train_chunk(readout: LocalClassifier, x: torch.Tensor) -> torch.Tensor:
-    """One training chunk as the strategy runs it: forward on a block output that requires grad, then backward."""
+def train_batch(readout: LocalClassifier, x: torch.Tensor) -> torch.Tensor:
+    """One training batch of one chunk as the strategy runs it: the readout reset, forward on a block output that
+    requires grad, backward."""
     readout.neuron.reset()
     out = readout(x.clone().requires_grad_())
     out.sum().backward()
@@ -69,7 +70,7 @@ def train_chunk(readout: LocalClassifier, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["trainable", "random"])
-def test_a_silent_readout_fires_after_balancing_on_its_first_training_chunk(kind: str) -> None:
+def test_a_silent_readout_fires_after_balancing_on_its_first_training_batch(kind: str) -> None:
     x = features()
     silent = LocalClassifier(10, high_threshold_lif(), kind=kind, balance=False)
     assert silent(x).sum() == 0  # the default init leaves every output neuron silent on these features
@@ -77,9 +78,9 @@ def test_a_silent_readout_fires_after_balancing_on_its_first_training_chunk(kind
     readout = LocalClassifier(10, high_threshold_lif(), kind=kind)
     currents = []
     readout.linear.register_forward_hook(lambda _m, _a, out: currents.append(out))
-    assert train_chunk(readout, x).sum() == 0  # the first chunk measures
+    assert train_batch(readout, x).sum() == 0  # the first batch measures
     assert not bool(readout.balanced)
-    out = train_chunk(readout, x)  # the next one starts balanced
+    out = train_batch(readout, x)  # the next one starts balanced
     assert bool(readout.balanced)
     assert (out.sum((0, 1)) > 0).all()  # every output neuron fires on some sample
     # its mean input is the one that holds the membrane at threshold: u_th / tau = 1
@@ -88,14 +89,23 @@ def test_a_silent_readout_fires_after_balancing_on_its_first_training_chunk(kind
     assert readout.linear.bias.requires_grad == (kind == "trainable")
 
 
-def test_the_balance_is_the_same_whether_the_first_chunk_comes_whole_or_in_time_slices() -> None:
+def test_the_balance_is_the_first_batchs_mean_whether_it_comes_whole_in_chunks_or_in_time_slices() -> None:
     x = features()
-    whole, sliced = LocalClassifier(10, high_threshold_lif()), LocalClassifier(10, high_threshold_lif())
-    train_chunk(whole, x)
-    (torch.cat([sliced(part) for part in x.clone().requires_grad_().split([1, 6, 9])])).sum().backward()
-    for readout in (whole, sliced):
-        train_chunk(readout, features(1))
-    torch.testing.assert_close(sliced.linear.bias, whole.linear.bias)
+    whole, chunked = LocalClassifier(10, high_threshold_lif()), LocalClassifier(10, high_threshold_lif())
+    train_batch(whole, x)
+    # the strategy's chunks: states carried (detached) between them, one backward each; the last in time slices
+    for chunk in x.split([4, 12]):
+        parts = chunk.split([1, 2, 9]) if len(chunk) == 12 else [chunk]
+        torch.cat([chunked(part) for part in (p.clone().requires_grad_() for p in parts)]).sum().backward()
+        chunked.neuron.v = chunked.neuron.v.detach()
+    currents = []
+    for readout in (whole, chunked):
+        assert not bool(readout.balanced)
+        handle = readout.linear.register_forward_hook(lambda _m, _a, out: currents.append(out.detach()))
+        train_batch(readout, x)  # the next batch: balanced first, on the mean over all 16 steps of the first
+        handle.remove()
+    torch.testing.assert_close(chunked.linear.bias, whole.linear.bias)
+    torch.testing.assert_close(currents[0].mean(0), torch.full((10,), 1.0), atol=1e-5, rtol=0)
 
 
 def test_the_no_grad_probe_and_evaluation_do_not_balance() -> None:
@@ -107,27 +117,27 @@ def test_the_no_grad_probe_and_evaluation_do_not_balance() -> None:
         with torch.no_grad():
             readout(x)  # the strategy's setup call: sizes the lazy layer only
     readout.eval()
-    train_chunk(readout, x)
-    train_chunk(readout, x)
+    train_batch(readout, x)
+    train_batch(readout, x)
     assert not bool(readout.balanced)
     torch.testing.assert_close(readout.linear.bias, plain.linear.bias)
     readout.train()
-    train_chunk(readout, x)
-    train_chunk(readout, x)
+    train_batch(readout, x)
+    train_batch(readout, x)
     assert bool(readout.balanced)
 
 
 def test_the_balanced_buffer_survives_a_state_dict_round_trip_and_prevents_a_second_balancing() -> None:
     readout = LocalClassifier(10, high_threshold_lif())
-    train_chunk(readout, features(0))
-    train_chunk(readout, features(0))
+    train_batch(readout, features(0))
+    train_batch(readout, features(0))
     state = readout.state_dict()
     assert state["balanced"].item() is True
 
     resumed = LocalClassifier(10, high_threshold_lif(), seed=7)
     resumed.load_state_dict(state)
     for seed in (1, 2):  # other batches would give another bias, were it balanced again
-        train_chunk(resumed, features(seed))
+        train_batch(resumed, features(seed))
     torch.testing.assert_close(resumed.linear.bias, state["linear.bias"])
 
     # a state_dict saved before the buffer existed is a trained readout: it loads as balanced
@@ -141,7 +151,7 @@ def test_balance_false_keeps_the_seeded_init() -> None:
     readout = LocalClassifier(10, high_threshold_lif(), balance=False)
     twin = LocalClassifier(10, high_threshold_lif(), balance=False)
     for seed in (0, 1):
-        train_chunk(readout, features(seed))
+        train_batch(readout, features(seed))
     with torch.no_grad():
         twin(features(1))
     torch.testing.assert_close(readout.linear.bias, twin.linear.bias)

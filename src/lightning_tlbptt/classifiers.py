@@ -21,7 +21,7 @@ constant input settles the membrane at ``v_rest + g x / l``; the input whose ste
 * ``IFNode``: no leak, ``l = 0``: any positive mean input eventually reaches the threshold and any negative one never
   does, so ``x* = 0``.
 
-:class:`LocalClassifier` balances itself after its first training chunk (``balance=True``); the paper's classifier
+:class:`LocalClassifier` balances itself after its first training batch (``balance=True``); the paper's classifier
 (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`) balances its network's output layer the same way.
 """
 
@@ -113,19 +113,32 @@ def balance_bias(linear: nn.Linear, node: nn.Module, current: Tensor) -> Tensor:
     Raises:
         ValueError: ``linear`` has no bias, or ``current``'s last axis is not its output width.
     """
-    if linear.bias is None:
-        raise ValueError(
-            f"{type(linear).__name__}(bias=False) has no bias to balance: build it with bias=True, or turn balancing "
-            "off (balance=False)."
-        )
-    width = linear.bias.shape[0]
+    width = _bias_width(linear)
     if current.dim() == 0 or current.shape[-1] != width:
         raise ValueError(
             f"balance_bias got a current of shape {list(current.shape)} for a layer of {width} outputs: pass the "
             f"layer's own output, [..., {width}]."
         )
     flat = current.detach().reshape(-1, width).double()
-    totals = torch.cat([flat.sum(0), flat.new_tensor([flat.shape[0]])])
+    return _shift_bias(linear, node, flat.sum(0), flat.shape[0])
+
+
+def _bias_width(linear: nn.Linear) -> int:
+    if linear.bias is None:
+        raise ValueError(
+            f"{type(linear).__name__}(bias=False) has no bias to balance: build it with bias=True, or turn balancing "
+            "off (balance=False)."
+        )
+    return linear.bias.shape[0]
+
+
+@torch.no_grad()
+def _shift_bias(linear: nn.Linear, node: nn.Module, sums: Tensor, rows: int) -> Tensor:
+    """:func:`balance_bias` from the sums of ``linear``'s outputs over ``rows`` rows (the one place of the rule)."""
+    _bias_width(linear)
+    totals = torch.cat(
+        [sums.double().reshape(-1), torch.tensor([float(rows)], dtype=torch.float64, device=sums.device)]
+    )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)  # sums and counts: ranks with different batch sizes weigh by their samples
     shift = threshold_input(node) - totals[:-1] / totals[-1].clamp_min(1)
@@ -145,16 +158,19 @@ class LocalClassifier(nn.Module):
     (identically on every rank, reproducibly for ``kind="random"``). Random classifiers are frozen and
     still stored in checkpoints.
 
-    With ``balance`` (the default), the readout starts at its threshold: its first training chunk (the forwards that
-    run in training mode with gradients enabled up to their backward; not a no-grad probe such as the strategy's setup
-    call, nor evaluation) measures the linear layer's mean output, and the next training forward first shifts the
-    bias so that this mean holds the neuron's membrane at threshold (:func:`balance_bias`, averaged over ranks under
-    ``torch.distributed``). The measurement spans the whole chunk, not only the first call: under the strategy's time
-    slices (``slice_bytes``) the first call is one step, whose block output is far from the chunk's mean, and a
-    balance that depended on how a chunk is sliced would train differently with and without slices. A random readout
-    gets the same start: its bias is set, then stays frozen. The buffer ``balanced`` records that it happened; it is
-    in the ``state_dict`` (so in the strategy's checkpoints), and a classifier loaded from one is not balanced again.
-    A state_dict saved before this buffer existed loads as balanced: that readout has trained already.
+    With ``balance`` (the default), the readout starts at its threshold: its first training batch (the forwards that
+    run in training mode with gradients enabled until its neuron is reset, i.e. every chunk and time slice of the
+    batch; not a no-grad probe such as the strategy's setup call, nor evaluation) measures the linear layer's mean
+    output, and the first training forward after the reset (the next batch) first shifts the bias so that this mean
+    holds the neuron's membrane at threshold (:func:`balance_bias`'s rule, averaged over ranks under
+    ``torch.distributed``). The mean is over the whole sequence, as for the network's output layer
+    (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`): a block's output ramps up over the first steps
+    after a reset, so a mean over the first chunk alone (steps 0-1 at ``k = 2``), or over the first time slice, would
+    leave the readout far from threshold for the rest of the sequence; and it does not depend on how the batch is cut
+    into chunks or slices. A random readout gets the same start: its bias is set, then stays frozen. The buffer
+    ``balanced`` records that it happened; it is in the ``state_dict`` (so in the strategy's checkpoints), and a
+    classifier loaded from one is not balanced again. A state_dict saved before this buffer existed loads as balanced:
+    that readout has trained already.
 
     Args:
         num_classes: output width.
@@ -163,7 +179,7 @@ class LocalClassifier(nn.Module):
         kind: ``"trainable"`` or ``"random"`` (fixed random weights, Mostafa et al. 2018).
         pool: bound per spatial axis before flattening.
         seed: seed of the initial weights.
-        balance: start the readout at its threshold after its first training chunk (above). A neuron whose dynamics
+        balance: start the readout at its threshold after its first training batch (above). A neuron whose dynamics
             :func:`threshold_input` does not know turns it off, with a warning.
     """
 
@@ -200,8 +216,7 @@ class LocalClassifier(nn.Module):
                 balance = False
         self.balance = balance
         self.register_buffer("balanced", torch.tensor(False))
-        self._first_chunk: list[Tensor] = []  # the linear layer's outputs while the first chunk runs
-        self._first_chunk_done = False  # its backward has run: the next training forward balances
+        self._first_batch: tuple[Tensor, int] | None = None  # sums and rows of the linear layer's outputs on it
 
     def forward(self, x_seq: Tensor) -> Tensor:
         k, b = x_seq.shape[:2]
@@ -224,24 +239,17 @@ class LocalClassifier(nn.Module):
                 self.linear(x)
             self._init_from_seed()
         measuring = self.balance and self.training and torch.is_grad_enabled() and not self._is_balanced()
-        if measuring and self._first_chunk_done:
-            with torch.no_grad():
-                balance_bias(self.linear, self.neuron, torch.cat(self._first_chunk))
-                self.balanced.fill_(True)
-            self._first_chunk, self._first_chunk_done = [], False
-            measuring = False
+        # a reset neuron holds its initial value, a float, until it runs: a new sequence (the strategy resets the
+        # readouts at every batch) after the first one has been measured
+        if measuring and self._first_batch is not None and not isinstance(self.neuron.v, Tensor):
+            _shift_bias(self.linear, self.neuron, *self._first_batch)
+            self.balanced.fill_(True)
+            self._first_batch, measuring = None, False
         current = self.linear(x)
         if measuring:
-            self._first_chunk.append(current.detach())
-            if current.requires_grad:
-                current.register_hook(self._end_first_chunk)
-            else:  # no backward will come: the chunk ends with this call
-                self._first_chunk_done = True
+            sums, rows = self._first_batch or (torch.zeros(current.shape[-1], dtype=torch.float64), 0)
+            self._first_batch = (sums.to(current.device) + current.detach().sum(0), rows + current.shape[0])
         return self.neuron(current.unflatten(0, (k, b)))
-
-    def _end_first_chunk(self, grad: Tensor) -> None:
-        # the chunk's backward: every call of the chunk, each of its time slices included, has run forward
-        self._first_chunk_done = True
 
     def _is_balanced(self) -> bool:
         """``balanced``, read from the device only when the buffer changed since the last read.
@@ -269,7 +277,7 @@ class LocalClassifier(nn.Module):
     ) -> None:
         # a readout saved before `balanced` existed has trained already: balancing it now would move a learnt bias
         state_dict.setdefault(prefix + "balanced", torch.tensor(True))
-        self._first_chunk, self._first_chunk_done = [], False
+        self._first_batch = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
