@@ -20,7 +20,16 @@ LAYERS = ("core", "measure", "paper", "apps")
 UPPER = ("lightning_tlbptt.measure", "lightning_tlbptt.paper", "tlbptt")
 # what the paper's reproduction and the applications need (the [paper] and [wandb] extras), never the core
 EXTRAS = ("tonic", "mlxtend", "matplotlib", "jsonargparse", "torchvision", "yaml", "wandb", "aedat", "sklearn")
-CORE_DEPENDENCIES = ("torch", "lightning", "lightning_fabric", "lightning_utilities", "spikingjelly", "torchmetrics")
+# pytorch_lightning: lightning's mirror package, installed with it; the core registers its strategies there too
+CORE_DEPENDENCIES = (
+    "torch",
+    "lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+    "pytorch_lightning",
+    "spikingjelly",
+    "torchmetrics",
+)
 
 
 def _layer(module: str) -> str | None:

@@ -56,7 +56,9 @@ class LocalGradients:
         """Back-propagate ``loss`` now (freeing its graph), holding its gradients."""
         if self.scale is not None:
             loss = self.scale(loss)
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        # the block's graph stays usable while something else holds it: a user's loss on hidden spikes the network
+        # returns then back-propagates into the block that made them; held by nothing else, it is freed on return
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=True)
         for i, g in enumerate(grads):
             if g is not None:
                 held = self._held[i]

@@ -28,10 +28,13 @@ __all__ = [
     "add_group",
     "check_settings",
     "extend_schedulers",
+    "join",
     "load_group",
     "saved_entry",
     "strip_group",
     "strip_local_classifiers",
+    "take_classifiers",
+    "with_classifiers",
 ]
 
 CHECKPOINT_KEY = "tlbptt"
@@ -44,6 +47,26 @@ SETTINGS = ("n", "classifier", "classifier_pool", "seed")
 """The strategy's arguments the local classifiers are made from: resuming them needs the same ones."""
 
 _PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs", "base_momentums", "max_momentums")
+
+
+def join(
+    classifiers: nn.ModuleList,
+    optimizer: torch.optim.Optimizer,
+    schedulers: list[Any],
+    pending: Mapping[str, Any] | None,
+    settings: Mapping[str, Any],
+) -> None:
+    """The classifiers' trainable parameters into ``optimizer`` (and its schedulers), and their state from a
+    checkpoint's entry (``pending``) if the fit resumed one."""
+    trainable = [p for p in classifiers.parameters() if p.requires_grad]
+    if trainable:
+        add_group(optimizer, trainable)
+        extend_schedulers(schedulers, len(optimizer.param_groups))
+    if pending is not None:
+        check_settings(pending, settings)
+        classifiers.load_state_dict(pending["state_dict"])
+        if trainable and pending.get("optimizer"):
+            load_group(optimizer, trainable, pending["optimizer"])
 
 
 def add_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
@@ -90,6 +113,29 @@ def load_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], sav
                 key: value.to(p.device) if isinstance(value, torch.Tensor) and value.dim() else value
                 for key, value in state.items()
             }
+
+
+def with_classifiers(
+    checkpoint: dict[str, Any], classifiers: nn.ModuleList, user_groups: int, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The checkpoint to write: the optimizer's state without the classifiers' group, the classifiers, their group
+    and ``settings`` under :data:`CHECKPOINT_KEY`."""
+    group = None
+    if checkpoint.get("optimizer_states"):
+        user, group = strip_group(checkpoint["optimizer_states"][0], user_groups)
+        checkpoint = {**checkpoint, "optimizer_states": [user, *checkpoint["optimizer_states"][1:]]}
+    return {**checkpoint, CHECKPOINT_KEY: saved_entry(classifiers, group, settings)}
+
+
+def take_classifiers(checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the checkpoint with the module's own ``state_dict``, the classifiers' entry to restore once they exist)."""
+    state_dict = dict(checkpoint["state_dict"])
+    legacy = pop_legacy(state_dict)
+    saved = checkpoint.get(CHECKPOINT_KEY)
+    if legacy:  # written by 0.2, which kept the classifiers inside the module
+        saved = {**(saved or {}), "state_dict": legacy}
+    pending = dict(saved) if saved and saved.get("state_dict") is not None else None
+    return {**checkpoint, "state_dict": state_dict}, pending
 
 
 def saved_entry(classifiers: nn.ModuleList, group: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning_utilities.core.apply_func import apply_to_collection
 from spikingjelly.activation_based import functional
@@ -32,6 +34,7 @@ from lightning_tlbptt.partitioning import Partition, PartitionError, observe
 
 __all__ = [
     "Probe",
+    "check_probe",
     "count_calls",
     "fingerprint",
     "forked_random_streams",
@@ -39,6 +42,7 @@ __all__ = [
     "probe",
     "size_classifiers",
     "step_args",
+    "time_axis_in_batch",
     "versions_of",
 ]
 
@@ -170,11 +174,15 @@ def count_calls(module: pl.LightningModule, net: nn.Module, batch: Any) -> int:
     return calls
 
 
-def make_classifiers(probed: Probe, *, kind: ClassifierKind, pool: int, seed: int) -> nn.ModuleList:
+def make_classifiers(
+    probed: Probe, *, kind: ClassifierKind, pool: int, seed: int, balance: bool = True
+) -> nn.ModuleList:
     """One local classifier per block but the last, its linear layer not yet sized (:func:`size_classifiers`)."""
     part = probed.partition
     return nn.ModuleList(
-        LocalClassifier(part.num_classes, part.neuron_template, kind=kind, pool=pool, seed=seed + block.index)
+        LocalClassifier(
+            part.num_classes, part.neuron_template, kind=kind, pool=pool, seed=seed + block.index, balance=balance
+        )
         for block in part.blocks[:-1]
     )
 
@@ -197,3 +205,50 @@ def size_classifiers(classifiers: nn.ModuleList, probed: Probe) -> None:
 
 def fingerprint(net: nn.Module) -> list[tuple[str, type]]:
     return [(name, type(m)) for name, m in net.named_modules()]
+
+
+def check_probe(probed: Probe, k: int | str) -> None:
+    """``k`` fits the ``T`` the network receives; warn when its entry cannot tell time from samples."""
+    shape = probed.entry_shape
+    if shape is not None and len(shape) > 1 and shape[0] == shape[1]:
+        rank_zero_warn(
+            f"the network's first module receives {list(shape)}: as many time steps as samples, so "
+            "TruncatedLocalBPTT cannot tell that its first axis is time. SpikingJelly expects [T, B, ...]; if "
+            "your data is [B, T, ...], transpose it before it reaches the network (or the results are wrong)."
+        )
+    if probed.T is not None and isinstance(k, int) and k > probed.T:
+        entry = probed.partition.entry
+        raise ValueError(
+            f"k={k} is larger than the number of time steps T={probed.T} the network receives (its first "
+            f"module, {entry.name if entry else '?'}, gets [T, B, ...]); choose k <= {probed.T}."
+        )
+
+
+def time_axis_in_batch(
+    module: pl.LightningModule, net: nn.Module, batch: Any, k: int | str, time_dim: int, device: torch.device
+) -> bool:
+    """A single-step network is cut in the batch: its step must call it once per step of the batch's time axis.
+
+    A step that calls it a number of times unrelated to the batch loops over a static input: fine in one chunk
+    (``k`` at least the number of calls: returns ``False``, cut nothing), refused with the change that makes it work
+    otherwise."""
+    if callable(getattr(module, "tbptt_split_batch", None)):
+        return True  # the module cuts its own batches
+    with forked_random_streams(device):
+        calls = count_calls(module, net, batch)
+    found: list[Tensor] = []
+    apply_to_collection(batch, Tensor, found.append)
+    steps = found[0].shape[time_dim] if found and found[0].dim() > time_dim else None
+    if calls <= 1 or calls == steps:
+        return True
+    if isinstance(k, int) and k >= calls:
+        return False
+    shape = list(found[0].shape) if found else None
+    raise MisconfigurationException(
+        f"every neuron of {type(net).__name__} runs in step_mode='s' and your training_step calls it {calls} times "
+        f"per batch, but the batch's time axis (time_dim={time_dim} of {shape}) has {steps} steps: the time loop "
+        f"runs over a static input, so there is no time axis to cut at k={k}. Make the network multi-step and call "
+        "it once on [T, B, ...]: functional.set_step_mode(net, 'm') and net(x.unsqueeze(0).repeat(T, *[1] * "
+        "x.dim())) (then the strategy cuts T where the network receives it), yield batches with a time axis and "
+        "pass time_dim=, or train with k >= the number of calls."
+    )

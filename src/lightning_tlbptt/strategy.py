@@ -32,21 +32,28 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from spikingjelly.activation_based import base
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_tlbptt import _lightning, _twin, budget, checkpointing, measuring, neurons
-from lightning_tlbptt.batch import average_over_ranks, batch_size, tensors
+from lightning_tlbptt.batch import average_over_ranks, batch_size
 from lightning_tlbptt.checks import SilenceCheck, check_gradients
 from lightning_tlbptt.chunks import ChunkLoop, Split, explain_cut_batch, split_along_time
 from lightning_tlbptt.classifiers import ClassifierKind
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.partitioning import _check_spiking as check_spiking
 from lightning_tlbptt.partitioning import find_network
-from lightning_tlbptt.probe import count_calls, forked_random_streams, make_classifiers, probe, size_classifiers
+from lightning_tlbptt.probe import (
+    check_probe,
+    forked_random_streams,
+    make_classifiers,
+    probe,
+    size_classifiers,
+    time_axis_in_batch,
+)
 
 __all__ = ["TimeSplit", "TruncatedLocalBPTT", "TruncatedLocalBPTTDDP"]
 
@@ -92,6 +99,10 @@ class _Algorithm:
         slice_bytes: run the widest layer's forward over its chunk in time slices whose widest tensor is about
             this many bytes (:mod:`~lightning_tlbptt.slicing`); ``None`` runs every layer over the whole chunk.
         coarsen_slices: let narrower layers take longer slices than the finest, within the peak the widest sets.
+        balance_readouts: start each local classifier inside its neuron's surrogate window: on its first training
+            chunk its bias is set so that its mean input holds the membrane at threshold (averaged over ranks,
+            recorded in the checkpoint; :class:`~lightning_tlbptt.classifiers.LocalClassifier`). ``False``: the
+            default init, where a deep block's readout can start silent.
         **kwargs: passed to Lightning's ``SingleDeviceStrategy`` / ``DDPStrategy``.
     """
 
@@ -116,6 +127,7 @@ class _Algorithm:
         pack_spikes: bool = False,
         slice_bytes: int | str | None = "2MiB",
         coarsen_slices: bool = True,
+        balance_readouts: bool = True,
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
@@ -157,11 +169,13 @@ class _Algorithm:
         self.pack_spikes = pack_spikes
         self.slice_bytes = None if slice_bytes is None else budget.parse_bytes(slice_bytes, "slice_bytes")
         self.coarsen_slices = coarsen_slices
+        self.balance_readouts = balance_readouts
         self.partition = None
         self._net: nn.Module | None = None
         self._classifiers: nn.ModuleList | None = None
         self._split: Split = "network"
         self._loop: ChunkLoop | None = None
+        self._budget_pending = False  # k='auto' chosen, its first batch not yet checked against the budget
         self._silence = SilenceCheck(silent_steps, k)
         self._user_groups = 1
         self._pending: dict[str, Any] | None = None  # a checkpoint's local classifiers, until they exist
@@ -222,7 +236,7 @@ class _Algorithm:
                 "k='auto' measures chunks cut where the network receives the time axis; with time_split='batch' "
                 "(single-step networks) pass an int k."
             )
-        self._loop, self._classifiers, self.partition = None, None, None
+        self._loop, self._classifiers, self.partition, self._budget_pending = None, None, None, False
         self._silence = SilenceCheck(self.silent_steps, self.k)
         try:
             super().setup(trainer)  # type: ignore[misc]
@@ -258,9 +272,9 @@ class _Algorithm:
                 f"batch {batch_idx} is empty (its first tensor has 0 samples): nothing to train on. Check the dataset "
                 "and the sampler, or drop empty batches (DataLoader(drop_last=True))."
             )
-        if self._loop is None:
-            self._loop = self._start(module, kwargs["batch"])
-            loop = self._loop
+        if self._loop is None or self._budget_pending:
+            loop = self.prepare(kwargs["batch"])
+            self._budget_pending = False
             with measuring.checking_budget(self, loop):
                 outputs = self._run_chunks(loop, run, optimizer, batch_idx, kwargs)
         else:
@@ -275,13 +289,30 @@ class _Algorithm:
         loop.state_skip = _lightning.skips_backward(loop.module.trainer)
         return loop.run(lambda chunk_kwargs: run(optimizer, batch_idx, chunk_kwargs), batch_idx, kwargs)
 
+    def prepare(self, batch: Any) -> ChunkLoop:
+        """Probe the network on this training batch (on the device) and build the local classifiers, once per fit.
+
+        Done at the first training batch; callbacks that read :attr:`partition` or :attr:`local_classifiers` before
+        it runs (at ``on_train_batch_start``) call it first."""
+        if self._loop is None:
+            self._loop = self._start(self.lightning_module, batch)  # type: ignore[attr-defined]
+            self._budget_pending = self.memory_budget is not None
+        return self._loop
+
     def _start(self, module: pl.LightningModule, batch: Any) -> ChunkLoop:
         """The first batch of a fit: probe the network, build the local classifiers, join them to the optimizer."""
         assert self._net is not None
         trainer = module.trainer
         device = self.root_device  # type: ignore[attr-defined]
         split_batch = self.split_batch
-        if self._split == "batch" and not self._time_axis_in_batch(module, batch):
+        if self._split == "batch" and not time_axis_in_batch(
+            module,
+            self._net,
+            batch,
+            self.k,
+            self.time_dim,
+            self.root_device,  # type: ignore[attr-defined]
+        ):
             split_batch = _whole  # the time loop runs over a static input and k covers it: one chunk a batch
         if self._split == "batch":
             chunks = split_batch(batch, self.k if isinstance(self.k, int) else 1)
@@ -303,27 +334,25 @@ class _Algorithm:
                 if self._split == "batch" and isinstance(self.k, int):
                     explain_cut_batch(err, self.k, "the first chunk of the first batch, to find the network's cuts")
                 raise
-            classifiers = make_classifiers(probed, kind=self.classifier, pool=self.classifier_pool, seed=self.seed)
+            classifiers = make_classifiers(
+                probed, kind=self.classifier, pool=self.classifier_pool, seed=self.seed, balance=self.balance_readouts
+            )
             # on the device and in the precision the module trains in (64-true, bf16-true) before they are sized
             classifiers = self.precision_plugin.convert_module(classifiers.to(device))  # type: ignore[attr-defined]
             size_classifiers(classifiers, probed)
         self.partition, self._classifiers = probed.partition, classifiers
-        self._check_T(probed)
+        check_probe(probed, self.k)
         if self.fast_neurons:
             neurons.accelerate(self._net)
             neurons.accelerate(classifiers)
-        optimizer = self.optimizers[0]  # type: ignore[attr-defined]
-        trainable = [p for p in classifiers.parameters() if p.requires_grad]
-        if trainable:
-            checkpointing.add_group(optimizer, trainable)
-            schedulers = [config.scheduler for config in self.lr_scheduler_configs]  # type: ignore[attr-defined]
-            checkpointing.extend_schedulers(schedulers, len(optimizer.param_groups))
-        if self._pending is not None:
-            checkpointing.check_settings(self._pending, self._settings())
-            classifiers.load_state_dict(self._pending["state_dict"])
-            if trainable and self._pending.get("optimizer"):
-                checkpointing.load_group(optimizer, trainable, self._pending["optimizer"])
-            self._pending = None
+        checkpointing.join(
+            classifiers,
+            self.optimizers[0],  # type: ignore[attr-defined]
+            [config.scheduler for config in self.lr_scheduler_configs],  # type: ignore[attr-defined]
+            self._pending,
+            self._settings(),
+        )
+        self._pending = None
         scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
         loop = ChunkLoop(
             module,
@@ -356,47 +385,6 @@ class _Algorithm:
             + " | ".join(",".join(b.names) for b in blocks)
         )
         return loop
-
-    def _time_axis_in_batch(self, module: pl.LightningModule, batch: Any) -> bool:
-        """A single-step network is cut in the batch: its step must call it once per step of the batch's time axis.
-
-        A step that calls it a number of times unrelated to the batch loops over a static input: fine in one chunk
-        (``k`` at least the number of calls), refused with the change that makes it work otherwise."""
-        assert self._net is not None
-        if callable(getattr(module, "tbptt_split_batch", None)):
-            return True  # the module cuts its own batches
-        with forked_random_streams(self.root_device):  # type: ignore[attr-defined]
-            calls = count_calls(module, self._net, batch)
-        found = tensors(batch)
-        steps = found[0].shape[self.time_dim] if found and found[0].dim() > self.time_dim else None
-        if calls <= 1 or calls == steps:
-            return True
-        if isinstance(self.k, int) and self.k >= calls:
-            return False
-        shape = list(found[0].shape) if found else None
-        raise MisconfigurationException(
-            f"every neuron of {type(self._net).__name__} runs in step_mode='s' and your training_step calls it "
-            f"{calls} times per batch, but the batch's time axis (time_dim={self.time_dim} of {shape}) has "
-            f"{steps} steps: the time loop runs over a static input, so there is no time axis to cut at k={self.k}. "
-            "Make the network multi-step and call it once on [T, B, ...]: functional.set_step_mode(net, 'm') and "
-            "net(x.unsqueeze(0).repeat(T, *[1] * x.dim())) (then the strategy cuts T where the network receives "
-            "it), yield batches with a time axis and pass time_dim=, or train with k >= the number of calls."
-        )
-
-    def _check_T(self, probed: Any) -> None:
-        shape = probed.entry_shape
-        if shape is not None and len(shape) > 1 and shape[0] == shape[1]:
-            rank_zero_warn(
-                f"the network's first module receives {list(shape)}: as many time steps as samples, so "
-                "TruncatedLocalBPTT cannot tell that its first axis is time. SpikingJelly expects [T, B, ...]; if "
-                "your data is [B, T, ...], transpose it before it reaches the network (or the results are wrong)."
-            )
-        if probed.T is not None and isinstance(self.k, int) and self.k > probed.T:
-            entry = probed.partition.entry
-            raise ValueError(
-                f"k={self.k} is larger than the number of time steps T={probed.T} the network receives (its first "
-                f"module, {entry.name if entry else '?'}, gets [T, B, ...]); choose k <= {probed.T}."
-            )
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
@@ -475,27 +463,16 @@ class _Algorithm:
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self._classifiers is not None and checkpoint.get("optimizer_states"):
-            user, group = checkpointing.strip_group(checkpoint["optimizer_states"][0], self._user_groups)
-            checkpoint = {**checkpoint, "optimizer_states": [user, *checkpoint["optimizer_states"][1:]]}
-            checkpoint[checkpointing.CHECKPOINT_KEY] = checkpointing.saved_entry(
-                self._classifiers, group, self._settings()
-            )
-        elif self._classifiers is not None:
-            checkpoint[checkpointing.CHECKPOINT_KEY] = checkpointing.saved_entry(
-                self._classifiers, None, self._settings()
+        if self._classifiers is not None:
+            checkpoint = checkpointing.with_classifiers(
+                checkpoint, self._classifiers, self._user_groups, self._settings()
             )
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        state_dict = dict(checkpoint["state_dict"])
-        legacy = checkpointing.pop_legacy(state_dict)
-        saved = checkpoint.get(checkpointing.CHECKPOINT_KEY)
-        if legacy:  # written by 0.2, which kept the classifiers inside the module
-            saved = {**(saved or {}), "state_dict": legacy}
-        self._pending = saved if saved and saved.get("state_dict") is not None else None
-        super().load_model_state_dict({**checkpoint, "state_dict": state_dict}, strict=strict)  # type: ignore[misc]
+        checkpoint, self._pending = checkpointing.take_classifiers(checkpoint)
+        super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[misc]
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:

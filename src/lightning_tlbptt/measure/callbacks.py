@@ -98,6 +98,8 @@ def _inputs(module: pl.LightningModule, batch: Any) -> Tensor:
 
 def _setup(trainer: pl.Trainer, module: pl.LightningModule, batch: Any) -> _Setup:
     strategy = trainer.strategy
+    if isinstance(strategy, TruncatedLocalBPTT) and trainer.training:
+        strategy.prepare(batch)  # the strategy probes at the first batch's optimisation, after this hook
     if isinstance(strategy, TruncatedLocalBPTT) and strategy.partition is not None:
         assert strategy.spiking_network is not None
         return _Setup(
