@@ -13,6 +13,8 @@ fails when a name used here disappears from the installed Lightning, so an upgra
 - **The learning-rate finder** counts its sweep in batches (its scheduler steps once per batch) but stops the fit at
   ``max_steps`` optimizer steps; with several chunks per batch its stop is stretched (:func:`stretch_lr_finder`).
 - **DDP without the wrapper**: the network starts from rank 0's weights (:func:`sync_module_states`).
+- **How many devices a Trainer will use**, for the applications that pick the one-device or the DDP strategy
+  (:func:`device_count`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 __all__ = [
     "PRIVATE_NAMES",
+    "device_count",
     "restore_run",
     "run_per_chunk",
     "skips_backward",
@@ -39,6 +42,7 @@ PRIVATE_NAMES = (
     "lightning.pytorch.loops.fit_loop._FitLoop._skip_backward",
     "lightning.pytorch.tuner.lr_finder._LRCallback.num_training",
     "lightning.pytorch.overrides.distributed._sync_module_states",
+    "lightning.pytorch.trainer.connectors.accelerator_connector._AcceleratorConnector._parallel_devices",
 )
 """What this module reaches into, for the test that checks they still exist."""
 
@@ -83,3 +87,10 @@ def stretch_lr_finder(trainer: pl.Trainer, chunks_per_batch: int) -> None:
 def sync_module_states(module: nn.Module) -> None:
     """Broadcast rank 0's parameters and buffers, as DistributedDataParallel does when it wraps a module."""
     _sync_module_states(module)
+
+
+def device_count(accelerator: str, devices: Any) -> int:
+    """How many devices ``Trainer(accelerator=accelerator, devices=devices)`` will use ("auto" resolved as it does)."""
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    return len(_AcceleratorConnector(accelerator=accelerator, devices=devices)._parallel_devices) or 1

@@ -23,9 +23,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from lightning_tlbptt import _lightning
 from lightning_tlbptt.measure import CostMonitor, MemoryMonitor
 from lightning_tlbptt.paper import DATASETS, PaperClassifier, dataset_spec, paper_setting
-from lightning_tlbptt.strategy import TruncatedLocalBPTT
+from lightning_tlbptt.strategy import TruncatedLocalBPTT, TruncatedLocalBPTTDDP
 from tlbptt.cli import flag as _flag
 
 __all__ = ["train_command", "train_main", "train_parser"]
@@ -254,7 +255,9 @@ def train_main(dataset: str, argv: list[str] | None = None, *, k: int = 5, n: in
         strategy: str | TruncatedLocalBPTT = "auto"
         run_name = f"{dataset}-bptt"
     else:
-        strategy = TruncatedLocalBPTT(
+        # one process per device when the Trainer will use several (as Lightning's own "auto" picks DDP)
+        several = _lightning.device_count(args.accelerator, args.devices) > 1
+        strategy = (TruncatedLocalBPTTDDP if several else TruncatedLocalBPTT)(
             k=args.k, n=args.n, classifier=args.classifier, loss=args.loss, fast_neurons=not args.sj_neurons
         )
         run_name = f"{dataset}-k{args.k}-n{args.n}-{args.classifier}"
@@ -321,3 +324,4 @@ def train_command(argv: list[str]) -> int:
         print(f"usage: tlbptt train {{{names}}} [flags]   (tlbptt train <dataset> --help)", file=sys.stderr)
         return 2
     return train_main(argv[0], argv[1:])
+
