@@ -19,6 +19,8 @@ def _run(out: Path, mode: str, expect_ok: bool = True) -> subprocess.CompletedPr
     # the port): let the 2-process run pick its own, as a fresh user process would
     inherited = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
     inherited = {k: v for k, v in inherited.items() if "RANK" not in k}
+    # an earlier test's seed_everything leaves PL_GLOBAL_SEED set, and Lightning seeds its DistributedSampler with it
+    inherited = {k: v for k, v in inherited.items() if k not in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
     env = {
         **inherited,
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
