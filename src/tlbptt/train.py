@@ -324,4 +324,3 @@ def train_command(argv: list[str]) -> int:
         print(f"usage: tlbptt train {{{names}}} [flags]   (tlbptt train <dataset> --help)", file=sys.stderr)
         return 2
     return train_main(argv[0], argv[1:])
-
