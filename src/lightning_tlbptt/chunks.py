@@ -86,6 +86,8 @@ class ChunkLoop:
         device: the device the batch is on.
         scale: the precision plugin's loss scaling, for the local losses.
         stop: whether training must stop now (``max_steps`` reached), asked after each chunk.
+        retain_graphs: keep each block's graph after its local backward
+            (:class:`~lightning_tlbptt.batch.LocalGradients`).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class ChunkLoop:
         device: torch.device,
         scale: Callable[[Tensor], Tensor] | None = None,
         stop: Callable[[], bool] = lambda: False,
+        retain_graphs: bool = False,
     ) -> None:
         self.module, self.net, self.probed, self.classifiers = module, net, probed, classifiers
         self.k, self.split, self.split_batch = k, split, split_batch
@@ -114,7 +117,7 @@ class ChunkLoop:
         memory = [m for owner in (net, classifiers) for m in owner.modules() if isinstance(m, base.MemoryModule)]
         self.streams = StateStreams(memory)
         trainable = [p for owner in (module, classifiers) for p in owner.parameters() if p.requires_grad]
-        self.gradients = LocalGradients(list({id(p): p for p in trainable}.values()), scale)
+        self.gradients = LocalGradients(list({id(p): p for p in trainable}.values()), scale, retain_graphs)
         self.output_spikes = cuts.is_spiking_output(probed.partition)
         self.compiled = any(
             isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
@@ -170,6 +173,8 @@ class ChunkLoop:
                     self.streams.start_chunk()
                     state.seen_T = None if self.split == "network" else state.seen_T
                     self.gradients.clear()
+                    if not skip_backward:  # a forward-only batch leaves the gradients as Lightning leaves them
+                        self.gradients.free_step_gradients()
                     try:
                         output = run_one({**kwargs, "batch": chunk})
                     except Exception as err:

@@ -103,6 +103,9 @@ class _Algorithm:
             chunk its bias is set so that its mean input holds the membrane at threshold (averaged over ranks,
             recorded in the checkpoint; :class:`~lightning_tlbptt.classifiers.LocalClassifier`). ``False``: the
             default init, where a deep block's readout can start silent.
+        retain_block_graphs: keep each block's graph after its local backward until the network call returns, so
+            that a loss of yours on a tensor made inside a block (hidden spikes returned beside the output) also
+            back-propagates into that block. Off by default: it keeps every block's activations of the chunk.
         **kwargs: passed to Lightning's ``SingleDeviceStrategy`` / ``DDPStrategy``.
     """
 
@@ -128,6 +131,7 @@ class _Algorithm:
         slice_bytes: int | str | None = "2MiB",
         coarsen_slices: bool = True,
         balance_readouts: bool = True,
+        retain_block_graphs: bool = False,
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
@@ -170,6 +174,7 @@ class _Algorithm:
         self.slice_bytes = None if slice_bytes is None else budget.parse_bytes(slice_bytes, "slice_bytes")
         self.coarsen_slices = coarsen_slices
         self.balance_readouts = balance_readouts
+        self.retain_block_graphs = retain_block_graphs
         self.partition = None
         self._net: nn.Module | None = None
         self._classifiers: nn.ModuleList | None = None
@@ -286,8 +291,8 @@ class _Algorithm:
     def _run_chunks(
         self, loop: ChunkLoop, run: _lightning.BatchRun, optimizer: Any, batch_idx: int, kwargs: dict[str, Any]
     ) -> Any:
-        loop.state_skip = _lightning.skips_backward(loop.module.trainer)
-        return loop.run(lambda chunk_kwargs: run(optimizer, batch_idx, chunk_kwargs), batch_idx, kwargs)
+        skip = _lightning.skips_backward(loop.module.trainer)
+        return loop.run(lambda chunk_kwargs: run(optimizer, batch_idx, chunk_kwargs), batch_idx, kwargs, skip)
 
     def prepare(self, batch: Any) -> ChunkLoop:
         """Probe the network on this training batch (on the device) and build the local classifiers, once per fit.
@@ -345,9 +350,15 @@ class _Algorithm:
         if self.fast_neurons:
             neurons.accelerate(self._net)
             neurons.accelerate(classifiers)
+        optimizer = self.optimizers[0]  # type: ignore[attr-defined]
+        for group in optimizer.param_groups:
+            # Algorithm 1 steps T/k times per batch: an optimizer left to choose its implementation (foreach=None,
+            # which torch resolves to a per-tensor loop off CUDA) takes its one-kernel-per-op path
+            if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+                group["foreach"] = True
         checkpointing.join(
             classifiers,
-            self.optimizers[0],  # type: ignore[attr-defined]
+            optimizer,
             [config.scheduler for config in self.lr_scheduler_configs],  # type: ignore[attr-defined]
             self._pending,
             self._settings(),
@@ -369,6 +380,7 @@ class _Algorithm:
             device=device,
             scale=scaler.scale if scaler is not None else None,
             # fast_dev_run runs its batches whole (it sets max_steps to the number of batches)
+            retain_graphs=self.retain_block_graphs,
             stop=lambda: not trainer.fast_dev_run and 0 <= trainer.fit_loop.epoch_loop.max_steps <= trainer.global_step,
         )
         loop.streams.install()
@@ -391,7 +403,6 @@ class _Algorithm:
         loop = self._loop
         assert loop is not None and loop.state is not None
         batch = args[0] if args else kwargs["batch"]
-        loop.state.skip_backward = loop.state_skip
         output = super().training_step(*args, **kwargs)  # type: ignore[misc]
         loop.after_step()
         self._agree_on_chunks(loop)
@@ -411,7 +422,18 @@ class _Algorithm:
         loop.gradients.add_to_grad()
         self.pre_backward(closure_loss)  # type: ignore[attr-defined]
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)  # type: ignore[attr-defined]
-        self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)  # type: ignore[attr-defined]
+        try:
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)  # type: ignore[attr-defined]
+        except RuntimeError as err:
+            if "backward through the graph a second time" not in str(err):
+                raise
+            raise RuntimeError(
+                "the loss your training_step returned reads a tensor made inside a block before the last (e.g. "
+                f"hidden spikes your network returns beside its output), whose graph the strategy freed at the block "
+                f"boundary after its local loss (n={self.n}). Pass TruncatedLocalBPTT(retain_block_graphs=True) so "
+                "that your loss back-propagates into that block too (it keeps the blocks' activations of a chunk), "
+                "use .detach() on that tensor in the loss, or n=None. No weight has changed."
+            ) from err
         self.reduce_gradients(module)
         state = loop.state
         assert state is not None
