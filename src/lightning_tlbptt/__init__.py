@@ -18,12 +18,13 @@ from typing import Any
 
 from lightning_tlbptt.checkpointing import strip_local_classifiers
 from lightning_tlbptt.classifiers import LocalClassifier
+from lightning_tlbptt.ddp import TruncatedLocalBPTTDDP
 from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.module import SpikingClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe
-from lightning_tlbptt.strategy import TruncatedLocalBPTT, TruncatedLocalBPTTDDP
+from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
 _LAZY = {
     "CostMonitor": "lightning_tlbptt.measure.callbacks",

@@ -3,9 +3,10 @@
 ``pytorch_lightning`` is Lightning's own mirror of ``lightning.pytorch``: the same code under another name, installed
 with ``lightning``. Its ``Trainer`` accepts only its own ``Strategy`` subclasses, and ``lightning.Trainer`` only
 ``lightning`` modules, so a project written with ``import pytorch_lightning as pl`` needs strategies built on
-``pytorch_lightning``'s classes. The two modules that name Lightning's classes (:mod:`~lightning_tlbptt.strategy`
-and :mod:`~lightning_tlbptt._lightning`) are loaded a second time from their source with ``lightning.pytorch`` read
-as ``pytorch_lightning``; the rest of the package uses only Lightning's utilities and is shared.
+``pytorch_lightning``'s classes. The modules that name Lightning's classes (:mod:`~lightning_tlbptt.strategy`,
+:mod:`~lightning_tlbptt.ddp` and :mod:`~lightning_tlbptt._lightning`) are loaded a second time from their source
+with ``lightning.pytorch`` read as ``pytorch_lightning``; the rest of the package uses only Lightning's utilities and
+is shared.
 
 Users of either package write the same line: ``TruncatedLocalBPTT`` is registered as a virtual subclass of
 ``pytorch_lightning``'s ``Strategy`` (so that ``pytorch_lightning.Trainer`` takes it), and turns into its twin when
@@ -44,12 +45,20 @@ def _load(name: str, replace: dict[str, str], preset: dict[str, object]) -> Modu
 
 
 def load() -> ModuleType:
-    """The ``pytorch_lightning`` twin of :mod:`lightning_tlbptt.strategy`."""
+    """The ``pytorch_lightning`` twin of :mod:`lightning_tlbptt.ddp` (which holds both strategies' names)."""
     private = _load("_lightning", {}, {})
-    return _load(
+    strategy = _load(
         "strategy",
         {"from lightning_tlbptt import _lightning, _twin, ": "from lightning_tlbptt import _twin, "},
         {"_lightning": private},
+    )
+    return _load(
+        "ddp",
+        {
+            "from lightning_tlbptt import _lightning, _twin\n": "from lightning_tlbptt import _twin\n",
+            "from lightning_tlbptt.strategy import TruncatedLocalBPTT, _Algorithm\n": "",
+        },
+        {"_lightning": private, "TruncatedLocalBPTT": strategy.TruncatedLocalBPTT, "_Algorithm": strategy._Algorithm},
     )
 
 
@@ -59,7 +68,7 @@ def counterpart(cls: type, accelerator: object) -> type | None:
     ours = "pytorch_lightning" if cls.__module__.startswith(_PREFIX) else "lightning"
     if theirs == ours or theirs not in ("lightning", "pytorch_lightning"):
         return None
-    module = load() if theirs == "pytorch_lightning" else importlib.import_module("lightning_tlbptt.strategy")
+    module = load() if theirs == "pytorch_lightning" else importlib.import_module("lightning_tlbptt.ddp")
     return getattr(module, cls.__name__)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "extend_schedulers",
     "join",
     "load_group",
+    "prefer_foreach",
     "saved_entry",
     "strip_group",
     "strip_local_classifiers",
@@ -47,6 +48,14 @@ SETTINGS = ("n", "classifier", "classifier_pool", "seed")
 """The strategy's arguments the local classifiers are made from: resuming them needs the same ones."""
 
 _PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs", "base_momentums", "max_momentums")
+
+
+def prefer_foreach(optimizer: torch.optim.Optimizer) -> None:
+    """Algorithm 1 steps ``T / k`` times per batch: an optimizer left to choose its implementation (``foreach=None``,
+    which torch resolves to a per-tensor loop off CUDA) takes its one-kernel-per-op path."""
+    for group in optimizer.param_groups:
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = True
 
 
 def join(

@@ -42,10 +42,10 @@ from lightning_tlbptt.batch import BatchState, LocalGradients, tensors
 from lightning_tlbptt.checks import SilenceCheck, local_target
 from lightning_tlbptt.layout import time_chunks
 from lightning_tlbptt.losses import LocalLoss, rate_cross_entropy, rate_mse
-from lightning_tlbptt.probe import Probe, versions_of
+from lightning_tlbptt.probe import Probe, explain_cut_batch, versions_of
 from lightning_tlbptt.states import StateStreams
 
-__all__ = ["ChunkLoop", "Split", "explain_cut_batch", "split_along_time"]
+__all__ = ["ChunkLoop", "Split", "split_along_time"]
 
 Split = Literal["network", "batch"]
 
@@ -261,16 +261,6 @@ def _copy_if_chunked(batch: Any, loop: ChunkLoop) -> Any:
     if loop.split == "network" and loop.edits_batch and many:
         return apply_to_collection(batch, Tensor, lambda t: t.clone())
     return None
-
-
-def explain_cut_batch(err: Exception, k: int, where: str) -> None:
-    """A user's own check on the number of time steps failed on a cut batch: say that it saw ``k`` steps."""
-    if not getattr(err, "__notes__", None):
-        err.add_note(
-            f"TruncatedLocalBPTT ran your training_step on {where}: its batch was cut along time_dim to k={k} time "
-            "steps (time_split='batch'). If your module checks the number of time steps against a configured T, "
-            "compare with the input's own length instead, or train with k=T."
-        )
 
 
 def split_along_time(batch: Any, k: int, time_dim: int) -> list[Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,10 @@ from lightning_tlbptt.partitioning import Partition, PartitionError, observe
 
 __all__ = [
     "Probe",
+    "build",
     "check_probe",
     "count_calls",
+    "explain_cut_batch",
     "fingerprint",
     "forked_random_streams",
     "make_classifiers",
@@ -252,3 +254,61 @@ def time_axis_in_batch(
         "x.dim())) (then the strategy cuts T where the network receives it), yield batches with a time axis and "
         "pass time_dim=, or train with k >= the number of calls."
     )
+
+
+def build(
+    module: pl.LightningModule,
+    net: nn.Module,
+    batch: Any,
+    split_batch: Callable[[Any, int], list[Any]] | None,
+    *,
+    k: int | str,
+    n: int | None,
+    time_dim: int,
+    slice_bytes: int | None,
+    coarsen: bool,
+    kind: ClassifierKind,
+    pool: int,
+    seed: int,
+    balance: bool,
+    prepare: Callable[[nn.ModuleList], nn.ModuleList],
+    device: torch.device,
+) -> tuple[Probe, nn.ModuleList, Callable[[Any, int], list[Any]] | None]:
+    """The first batch of a fit: probe the network (on the first chunk of ``batch`` when ``split_batch`` cuts
+    batches) and build its local classifiers, ``prepare``d (device, precision) before they are sized.
+
+    Returns the probe, the classifiers and the batch split to use (one chunk a batch for a time loop over a static
+    input that ``k`` covers), every random stream as it was."""
+    if split_batch is not None:
+        if not time_axis_in_batch(module, net, batch, k, time_dim, device):
+            split_batch = _whole
+        chunks = split_batch(batch, k if isinstance(k, int) else 1)
+        if not chunks:
+            raise ValueError("the batch is empty along its time axis: nothing to train on.")
+        batch = chunks[0]
+    with forked_random_streams(device):
+        try:
+            probed = probe(
+                module, net, batch, n, cut_time=split_batch is None, slice_bytes=slice_bytes, coarsen=coarsen
+            )
+        except Exception as err:
+            if split_batch is not None and isinstance(k, int):
+                explain_cut_batch(err, k, "the first chunk of the first batch, to find the network's cuts")
+            raise
+        classifiers = prepare(make_classifiers(probed, kind=kind, pool=pool, seed=seed, balance=balance))
+        size_classifiers(classifiers, probed)
+    return probed, classifiers, split_batch
+
+
+def explain_cut_batch(err: Exception, k: int, where: str) -> None:
+    """A user's own check on the number of time steps failed on a cut batch: say that it saw ``k`` steps."""
+    if not getattr(err, "__notes__", None):
+        err.add_note(
+            f"TruncatedLocalBPTT ran your training_step on {where}: its batch was cut along time_dim to k={k} time "
+            "steps (time_split='batch'). If your module checks the number of time steps against a configured T, "
+            "compare with the input's own length instead, or train with k=T."
+        )
+
+
+def _whole(batch: Any, k: int) -> list[Any]:
+    return [batch]

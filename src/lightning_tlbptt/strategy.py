@@ -27,9 +27,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -39,23 +38,16 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_tlbptt import _lightning, _twin, budget, checkpointing, measuring, neurons
-from lightning_tlbptt.batch import average_over_ranks, batch_size
+from lightning_tlbptt.batch import batch_size
 from lightning_tlbptt.checks import SilenceCheck, check_gradients
-from lightning_tlbptt.chunks import ChunkLoop, Split, explain_cut_batch, split_along_time
+from lightning_tlbptt.chunks import ChunkLoop, Split, split_along_time
 from lightning_tlbptt.classifiers import ClassifierKind
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.partitioning import _check_spiking as check_spiking
 from lightning_tlbptt.partitioning import find_network
-from lightning_tlbptt.probe import (
-    check_probe,
-    forked_random_streams,
-    make_classifiers,
-    probe,
-    size_classifiers,
-    time_axis_in_batch,
-)
+from lightning_tlbptt.probe import build, check_probe
 
-__all__ = ["TimeSplit", "TruncatedLocalBPTT", "TruncatedLocalBPTTDDP"]
+__all__ = ["TimeSplit", "TruncatedLocalBPTT"]
 
 TimeSplit = Literal["auto", "network", "batch"]
 
@@ -309,53 +301,31 @@ class _Algorithm:
         assert self._net is not None
         trainer = module.trainer
         device = self.root_device  # type: ignore[attr-defined]
-        split_batch = self.split_batch
-        if self._split == "batch" and not time_axis_in_batch(
+        probed, classifiers, split_batch = build(
             module,
             self._net,
             batch,
-            self.k,
-            self.time_dim,
-            self.root_device,  # type: ignore[attr-defined]
-        ):
-            split_batch = _whole  # the time loop runs over a static input and k covers it: one chunk a batch
-        if self._split == "batch":
-            chunks = split_batch(batch, self.k if isinstance(self.k, int) else 1)
-            if not chunks:
-                raise ValueError("the batch is empty along its time axis: nothing to train on.")
-            batch = chunks[0]
-        with forked_random_streams(device):
-            try:
-                probed = probe(
-                    module,
-                    self._net,
-                    batch,
-                    self.n,
-                    cut_time=self._split == "network",
-                    slice_bytes=self.slice_bytes,
-                    coarsen=self.coarsen_slices,
-                )
-            except Exception as err:
-                if self._split == "batch" and isinstance(self.k, int):
-                    explain_cut_batch(err, self.k, "the first chunk of the first batch, to find the network's cuts")
-                raise
-            classifiers = make_classifiers(
-                probed, kind=self.classifier, pool=self.classifier_pool, seed=self.seed, balance=self.balance_readouts
-            )
+            self.split_batch if self._split == "batch" else None,
+            k=self.k,
+            n=self.n,
+            time_dim=self.time_dim,
+            slice_bytes=self.slice_bytes,
+            coarsen=self.coarsen_slices,
+            kind=self.classifier,
+            pool=self.classifier_pool,
+            seed=self.seed,
+            balance=self.balance_readouts,
             # on the device and in the precision the module trains in (64-true, bf16-true) before they are sized
-            classifiers = self.precision_plugin.convert_module(classifiers.to(device))  # type: ignore[attr-defined]
-            size_classifiers(classifiers, probed)
+            prepare=lambda c: self.precision_plugin.convert_module(c.to(device)),  # type: ignore[attr-defined]
+            device=device,
+        )
         self.partition, self._classifiers = probed.partition, classifiers
         check_probe(probed, self.k)
         if self.fast_neurons:
             neurons.accelerate(self._net)
             neurons.accelerate(classifiers)
         optimizer = self.optimizers[0]  # type: ignore[attr-defined]
-        for group in optimizer.param_groups:
-            # Algorithm 1 steps T/k times per batch: an optimizer left to choose its implementation (foreach=None,
-            # which torch resolves to a per-tensor loop off CUDA) takes its one-kernel-per-op path
-            if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-                group["foreach"] = True
+        checkpointing.prefer_foreach(optimizer)
         checkpointing.join(
             classifiers,
             optimizer,
@@ -379,8 +349,8 @@ class _Algorithm:
             pack_spikes=self.pack_spikes,
             device=device,
             scale=scaler.scale if scaler is not None else None,
-            # fast_dev_run runs its batches whole (it sets max_steps to the number of batches)
             retain_graphs=self.retain_block_graphs,
+            # fast_dev_run runs its batches whole (it sets max_steps to the number of batches)
             stop=lambda: not trainer.fast_dev_run and 0 <= trainer.fit_loop.epoch_loop.max_steps <= trainer.global_step,
         )
         loop.streams.install()
@@ -522,10 +492,6 @@ class _Algorithm:
         return "batch" if modes == {"s"} else "network"
 
 
-def _whole(batch: Any, k: int) -> list[Any]:
-    return [batch]
-
-
 class TruncatedLocalBPTT(_Algorithm, SingleDeviceStrategy):
     __doc__ = _Algorithm.__doc__
 
@@ -546,55 +512,9 @@ class TruncatedLocalBPTT(_Algorithm, SingleDeviceStrategy):
             self._root_device = torch.device(devices[0])
 
 
-class TruncatedLocalBPTTDDP(_Algorithm, DDPStrategy):
-    __doc__ = (_Algorithm.__doc__ or "") + (
-        "\n    One process per device, as ``DDPStrategy``: gradients (the network's and the local classifiers') are "
-        "averaged over ranks in one collective before every optimizer step; there is no DistributedDataParallel "
-        "wrapper, whose reducer expects one backward per forward where a chunk runs one per block.\n"
-    )
-
-    strategy_name = "tlbptt_ddp"
-
-    @override
-    def configure_ddp(self) -> None:
-        assert self.lightning_module is not None
-        _lightning.sync_module_states(self.lightning_module)
-
-    @override
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        return model  # never a DistributedDataParallel wrapper (see configure_ddp)
-
-    @override
-    def reduce_gradients(self, module: pl.LightningModule) -> None:
-        average_over_ranks(
-            [p.grad for group in self.optimizers[0].param_groups for p in group["params"] if p.grad is not None]
-        )
-
-    @override
-    def _agree_on_chunks(self, loop: ChunkLoop) -> None:
-        """One small all-reduce per batch; on disagreement every rank raises the same error at once instead of
-        waiting in the next gradient all-reduce until the process group times out."""
-        state = loop.state
-        assert state is not None
-        if state.window[0] != 0:
-            return
-        chunks = loop.chunks_in(state.seen_T or 0) if loop.split == "network" else int(state.seen_T or 0)
-        counts = torch.tensor([chunks, -chunks], device=self.root_device)
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-        most, fewest = int(counts[0]), -int(counts[1])
-        if most != fewest:
-            raise ValueError(
-                f"ranks disagree on the number of chunks of batch {state.batch_idx}: between {fewest} and {most} "
-                f"chunks of k={self.k} steps (this rank: {chunks}), so their optimizer steps and gradient all-reduces "
-                "cannot pair up. Give every rank batches of the same length T (pad, or bucket sequences by length "
-                "across ranks), or train on one device."
-            )
-
-
-for _cls, _description in (
-    (TruncatedLocalBPTT, "Temporally-truncated local BPTT (Guo et al. 2023) on one device, k=5, n=2"),
-    (TruncatedLocalBPTTDDP, "Temporally-truncated local BPTT (Guo et al. 2023), one process per device, k=5, n=2"),
-):
-    StrategyRegistry.register(_cls.strategy_name, _cls, description=_description)
-
-_twin.register(TruncatedLocalBPTT, TruncatedLocalBPTTDDP)
+StrategyRegistry.register(
+    TruncatedLocalBPTT.strategy_name,
+    TruncatedLocalBPTT,
+    description="Temporally-truncated local BPTT (Guo et al. 2023) on one device, k=5, n=2",
+)
+_twin.register(TruncatedLocalBPTT)

@@ -24,9 +24,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from lightning_tlbptt import _lightning
+from lightning_tlbptt.ddp import TruncatedLocalBPTT, TruncatedLocalBPTTDDP
 from lightning_tlbptt.measure import CostMonitor, MemoryMonitor
 from lightning_tlbptt.paper import DATASETS, PaperClassifier, dataset_spec, paper_setting
-from lightning_tlbptt.strategy import TruncatedLocalBPTT, TruncatedLocalBPTTDDP
 from tlbptt.cli import flag as _flag
 
 __all__ = ["train_command", "train_main", "train_parser"]
