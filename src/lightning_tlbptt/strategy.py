@@ -22,6 +22,7 @@ What the strategy adds, per job:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -357,6 +358,8 @@ class _Algorithm:
         if self.k == "auto":
             self.k = measuring.choose_k(self, loop, batch)
             loop.k = self.k
+        # the probe's copies of the network's input and its blocks' are needed no longer: a batch's worth of memory
+        loop.probed = dataclasses.replace(probed, args=(), kwargs={}, block_inputs=[])
         self._silence.k = self.k
         if probed.T is not None:
             _lightning.stretch_lr_finder(trainer, loop.chunks_in(probed.T))
