@@ -369,7 +369,7 @@ def report(args: argparse.Namespace) -> int:
                     alpha=0.8,
                     label=LABELS[s] if i == 0 else None,
                 )
-        ax.set_title(f"{title(d)}: validation accuracy per epoch (one line per seed)")
+        ax.set_title(f"{title(d)}: validation accuracy per epoch (one line per seed)", fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation accuracy (%)")
@@ -395,7 +395,7 @@ def report(args: argparse.Namespace) -> int:
         ax.set_xticks([10, 20, 50, 100, 200, 500])
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{title(d)}: accuracy against training memory")
+        ax.set_title(f"{title(d)}: accuracy against training memory", fontsize=10)
         ax.set_xlabel("peak training memory, MiB (saved activations + state; log scale)")
         ax.set_ylabel("final validation accuracy (%)")
         ax.grid(alpha=0.3, which="both")
@@ -435,7 +435,7 @@ def report(args: argparse.Namespace) -> int:
                     capsize=4,
                     label=f"n = {n}, {kind}",
                 )
-        ax.set_title(f"{title(d)}: accuracy against k (mean, bars min-max)")
+        ax.set_title(f"{title(d)}: accuracy against k (mean, bars min-max)", fontsize=10)
         ax.set_xlabel("k (time steps per truncated chunk)")
         ax.set_ylabel("final validation accuracy (%)")
         ax.set_xticks([2, 5, 10])
