@@ -113,15 +113,18 @@ def _only_warnings() -> Iterator[None]:
     import logging
     import warnings
 
-    log = logging.getLogger("lightning.pytorch")
-    level = log.level
-    log.setLevel(logging.WARNING)
+    # Lightning logs under either name, depending on which of its two packages the strategy was built on
+    logs = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             yield
     finally:
-        log.setLevel(level)
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def _build(
