@@ -158,19 +158,18 @@ class LocalClassifier(nn.Module):
     (identically on every rank, reproducibly for ``kind="random"``). Random classifiers are frozen and
     still stored in checkpoints.
 
-    With ``balance`` (the default), the readout starts at its threshold: its first training batch (the forwards that
-    run in training mode with gradients enabled until its neuron is reset, i.e. every chunk and time slice of the
-    batch; not a no-grad probe such as the strategy's setup call, nor evaluation) measures the linear layer's mean
-    output, and the first training forward after the reset (the next batch) first shifts the bias so that this mean
-    holds the neuron's membrane at threshold (:func:`balance_bias`'s rule, averaged over ranks under
-    ``torch.distributed``). The mean is over the whole sequence, as for the network's output layer
-    (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`): a block's output ramps up over the first steps
-    after a reset, so a mean over the first chunk alone (steps 0-1 at ``k = 2``), or over the first time slice, would
-    leave the readout far from threshold for the rest of the sequence; and it does not depend on how the batch is cut
-    into chunks or slices. A random readout gets the same start: its bias is set, then stays frozen. The buffer
-    ``balanced`` records that it happened; it is in the ``state_dict`` (so in the strategy's checkpoints), and a
-    classifier loaded from one is not balanced again. A state_dict saved before this buffer existed loads as balanced:
-    that readout has trained already.
+    With ``balance`` (the default), the readout starts at its threshold, in two steps (:func:`balance_bias`'s rule,
+    averaged over ranks under ``torch.distributed``). Its first training forward (in training mode with gradients
+    enabled; not a no-grad probe such as the strategy's setup call, nor evaluation) shifts the bias so that its own
+    mean output holds the neuron's membrane at threshold, so the readout fires and learns from the first chunk on.
+    That chunk is the ramp-up after a reset (steps 0-1 at ``k = 2``): its mean is not the rest of the sequence's,
+    and a readout left there sits off its threshold for the rest of the sequence. So the whole first batch (every chunk and time slice until the neuron is reset) is measured too,
+    and the first training forward after the reset (the next batch) re-centres the bias on that whole-sequence mean,
+    as for the network's output layer (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`); the result does
+    not depend on how the batch is cut into chunks or slices. A random readout gets the same start: its bias is set,
+    then stays frozen. The buffer ``balanced`` records that both steps happened; it is in the ``state_dict`` (so in
+    the strategy's checkpoints), and a classifier loaded from one is not balanced again. A state_dict saved before
+    this buffer existed loads as balanced: that readout has trained already.
 
     Args:
         num_classes: output width.
@@ -179,8 +178,8 @@ class LocalClassifier(nn.Module):
         kind: ``"trainable"`` or ``"random"`` (fixed random weights, Mostafa et al. 2018).
         pool: bound per spatial axis before flattening.
         seed: seed of the initial weights.
-        balance: start the readout at its threshold after its first training batch (above). A neuron whose dynamics
-            :func:`threshold_input` does not know turns it off, with a warning.
+        balance: start the readout at its threshold on its first training chunk, re-centred after its first batch
+            (above). A neuron whose dynamics :func:`threshold_input` does not know turns it off, with a warning.
     """
 
     def __init__(
@@ -247,6 +246,8 @@ class LocalClassifier(nn.Module):
             self._first_batch, measuring = None, False
         current = self.linear(x)
         if measuring:
+            if self._first_batch is None:  # its first training forward: fire from the first chunk on
+                current = current + _shift_bias(self.linear, self.neuron, current.detach().sum(0), current.shape[0])
             sums, rows = self._first_batch or (torch.zeros(current.shape[-1], dtype=torch.float64), 0)
             self._first_batch = (sums.to(current.device) + current.detach().sum(0), rows + current.shape[0])
         return self.neuron(current.unflatten(0, (k, b)))
