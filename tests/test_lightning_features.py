@@ -166,6 +166,29 @@ def test_module_hooks_run_per_optimizer_step_as_in_plain_lightning(make_trainer:
     every_block_learned(before, module)
 
 
+class CountingSteps(Module):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.counts["training_step"] += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_step_every_batch_runs_lightnings_optimisation_once_per_batch(make_trainer: Any) -> None:
+    plain = fit(make_trainer, CountingSteps())
+    ours = fit(make_trainer, CountingSteps(), TruncatedLocalBPTT(k=T, n=None, step_every="batch"))
+    assert_close(weights(ours.lightning_module), weights(plain.lightning_module))
+
+    module = CountingSteps()
+    before = weights(module)
+    trainer = fit(make_trainer, module, TruncatedLocalBPTT(k=2, n=1, step_every="batch"))
+    assert trainer.global_step == 4  # one optimizer step per batch, as plain Lightning
+    assert all(module.counts[h] == 4 for h in HOOKS), module.counts  # zero_grad, backward hooks, clipping: per batch
+    assert module.counts["training_step"] == 1 + 8  # the probe's, then one per chunk: 4 batches x 2 chunks
+    assert {"train_loss_step", "train_loss_epoch", "train/block0/loss", "train/block1/loss"} <= set(
+        trainer.callback_metrics
+    )
+    every_block_learned(before, module)
+
+
 def _checkpoints(tmp_path: Path) -> list[ModelCheckpoint]:
     return [
         ModelCheckpoint(tmp_path / "steps", every_n_train_steps=2, save_top_k=-1),

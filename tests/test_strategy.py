@@ -230,6 +230,8 @@ def test_k_and_n_must_be_positive_and_k_fit_T(make_trainer):
         TruncatedLocalBPTT(k=2, n=0)
     with pytest.raises(ValueError, match="time_split must be"):
         TruncatedLocalBPTT(time_split="time")
+    with pytest.raises(ValueError, match=r"step_every must be 'chunk' .* or 'batch' .* got 'epoch'"):
+        TruncatedLocalBPTT(step_every="epoch")
     with pytest.raises(ValueError, match=r"k=9 is larger than the number of time steps T=8"):
         make_trainer(strategy=TruncatedLocalBPTT(k=9, n=1)).fit(UserModule(), event_batches(T=8))
 

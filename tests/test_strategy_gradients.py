@@ -72,9 +72,12 @@ def test_k_equal_T_one_block_equals_bptt_on_sew_resnet(make_trainer):
             torch.testing.assert_close(got[f"net.{name}"], p.grad, atol=1e-6, rtol=1e-5)
 
 
-def _reference_tlbptt(net: nn.Sequential, parts: list[slice], classifiers: list[nn.Module], loader, k: int) -> None:
+def _reference_tlbptt(
+    net: nn.Sequential, parts: list[slice], classifiers: list[nn.Module], loader, k: int, step_every: str = "chunk"
+) -> None:
     """Written from Algorithm 1 directly: per chunk, run every block (detached from the one before), sum
-    the local losses, one backward, one SGD step, detach the states."""
+    the local losses, one backward, one SGD step, detach the states. ``step_every="batch"``: the chunks' backwards
+    add up and the step comes once, after the batch's last chunk."""
     params = [p for p in net.parameters()] + [p for c in classifiers for p in c.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     for x, y in loader:
@@ -91,37 +94,61 @@ def _reference_tlbptt(net: nn.Sequential, parts: list[slice], classifiers: list[
                 total = total + F.mse_loss(readout.mean(0), F.one_hot(y, 4).float())
                 h = out
             total.backward()
-            opt.step()
-            opt.zero_grad()
+            if step_every == "chunk":
+                opt.step()
+                opt.zero_grad()
             functional.detach_net(net)
             for c in classifiers:
                 functional.detach_net(c)
+        if step_every == "batch":
+            opt.step()
+            opt.zero_grad()
+
+
+N1 = [slice(0, 3), slice(3, 6), slice(6, 10)]
 
 
 @pytest.mark.parametrize(
-    ("k", "n", "parts"), [(3, 99, [slice(0, 10)]), (2, 1, [slice(0, 3), slice(3, 6), slice(6, 10)])]
+    ("k", "n", "parts", "balance", "step_every"),
+    [
+        (3, 99, [slice(0, 10)], True, "chunk"),
+        # a readout's first call sets its bias from what it sees: with balancing, the reference's one call per chunk
+        # needs the block unsliced; sliced, balancing is off
+        (2, 1, N1, True, "chunk"),
+        (2, 1, N1, False, "chunk"),
+        (3, 99, [slice(0, 10)], True, "batch"),
+        (2, 1, N1, True, "batch"),
+    ],
 )
-def test_k_below_T_equals_chunkwise_reference(make_trainer, k, n, parts):
+def test_k_below_T_equals_chunkwise_reference(make_trainer, k, n, parts, balance, step_every):
     loader = event_batches(n=16, T=8, batch_size=8)
     reference = conv_net()
-    classifiers = [LocalClassifier(4, copy.deepcopy(reference[1]), seed=i) for i in range(len(parts) - 1)]
+    classifiers = [
+        LocalClassifier(4, copy.deepcopy(reference[1]), seed=i, balance=balance) for i in range(len(parts) - 1)
+    ]
     module = SpikingClassifier(conv_net(), lr=0.1, momentum=0.9, lr_step_epochs=0)
-    trainer = make_trainer(strategy=TruncatedLocalBPTT(k=k, n=n))
+    strategy = TruncatedLocalBPTT(
+        k=k, n=n, balance_readouts=balance, slice_bytes=None if balance else "2MiB", step_every=step_every
+    )
+    trainer = make_trainer(strategy=strategy)
     trainer.fit(module, loader)
-    _reference_tlbptt(reference, parts, classifiers, loader, k)
+    _reference_tlbptt(reference, parts, classifiers, loader, k, step_every)
 
-    assert trainer.global_step == 2 * math.ceil(8 / k)  # two batches, a shorter last chunk when k ∤ T
+    # two batches, a shorter last chunk when k ∤ T
+    assert trainer.global_step == 2 * (math.ceil(8 / k) if step_every == "chunk" else 1)
     for (name, p), q in zip(module.net.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=f"parameter {name} differs")
     for mine, theirs in zip(trainer.strategy.local_classifiers, classifiers, strict=True):
         torch.testing.assert_close(mine.linear.weight, theirs.linear.weight, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.linear.bias, theirs.linear.bias, atol=1e-5, rtol=1e-5)
 
 
 def test_n1_block_gradients_come_from_their_own_local_loss_only(make_trainer):
     loader = event_batches(n=8, T=4, batch_size=8)
     module = SpikingClassifier(conv_net(), lr=0.1, lr_step_epochs=0)
     recorder = GradRecorder()
-    make_trainer(strategy=TruncatedLocalBPTT(k=4, n=1), max_steps=1, callbacks=[recorder]).fit(module, loader)
+    strategy = TruncatedLocalBPTT(k=4, n=1, slice_bytes=None)  # balanced on a readout's first call: the whole chunk
+    make_trainer(strategy=strategy, max_steps=1, callbacks=[recorder]).fit(module, loader)
     got = recorder.steps[0]
 
     # One forward without any detach: every later loss *could* reach earlier blocks' weights here.

@@ -8,6 +8,8 @@ fails when a name used here disappears from the installed Lightning, so an upgra
   in a closure, ``optimizer_zero_grad``, backward, the module's ``optimizer_step`` and every hook in between, and the
   step counters (``global_step``) that callbacks read. :func:`run_per_chunk` wraps that one call on the trainer's
   loop instance, so the strategy can call the original once per chunk with the chunk's batch.
+- **A training step outside the optimisation** (``step_every="batch"``): Lightning's own call of the strategy's
+  ``training_step`` (hook name, profiler), without its closure (:func:`call_training_step`).
 - **A forward-only epoch.** ``StochasticWeightAveraging`` sets ``fit_loop._skip_backward`` for its epoch that only
   recomputes BatchNorm statistics; local losses must not be back-propagated then (:func:`skips_backward`).
 - **The learning-rate finder** counts its sweep in batches (its scheduler steps once per batch) but stops the fit at
@@ -29,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "PRIVATE_NAMES",
+    "call_training_step",
     "device_count",
     "restore_run",
     "run_per_chunk",
@@ -40,6 +43,7 @@ __all__ = [
 PRIVATE_NAMES = (
     "lightning.pytorch.loops.optimization.automatic._AutomaticOptimization.run",
     "lightning.pytorch.loops.fit_loop._FitLoop._skip_backward",
+    "lightning.pytorch.trainer.call._call_strategy_hook",
     "lightning.pytorch.tuner.lr_finder._LRCallback.num_training",
     "lightning.pytorch.overrides.distributed._sync_module_states",
     "lightning.pytorch.trainer.connectors.accelerator_connector._AcceleratorConnector._parallel_devices",
@@ -67,6 +71,16 @@ def run_per_chunk(trainer: pl.Trainer, run_batch: Callable[[BatchRun, Any, int, 
 def restore_run(trainer: pl.Trainer) -> None:
     """Undo :func:`run_per_chunk`: the trainer's loop runs one optimisation per batch again."""
     vars(trainer.fit_loop.epoch_loop.automatic_optimization).pop("run", None)
+
+
+def call_training_step(trainer: pl.Trainer, kwargs: dict[str, Any]) -> Any:
+    """The strategy's ``training_step`` as the automatic optimisation's closure calls it (the module's
+    ``_current_fx_name`` set for ``self.log``, the profiler's section), and ``post_training_step``."""
+    from lightning.pytorch.trainer import call
+
+    output = call._call_strategy_hook(trainer, "training_step", *kwargs.values())
+    trainer.strategy.post_training_step()
+    return output
 
 
 def skips_backward(trainer: pl.Trainer) -> bool:

@@ -61,13 +61,15 @@ class LocalGradients:
         self.retain_graph = retain_graph
         self._held: list[Tensor | None] = [None] * len(self.params)
 
-    def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss`` now (freeing its graph), holding its gradients."""
+    def backward(self, loss: Tensor, retain_graph: bool | None = None) -> None:
+        """Back-propagate ``loss`` now (freeing its graph unless ``retain_graph``, by default the instance's),
+        holding its gradients."""
         if self.scale is not None:
             loss = self.scale(loss)
         # the block's graph is freed here, not when the network's forward drops its last reference to the block's
         # output (which it holds until it returns): that is the memory truncation saves
-        grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=self.retain_graph)
+        retain = self.retain_graph if retain_graph is None else retain_graph
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain)
         for i, g in enumerate(grads):
             if g is not None:
                 held = self._held[i]
@@ -110,6 +112,10 @@ class BatchState:
         calls: per cut module, how often it has been called in the current network call.
         chunk: index of the chunk running.
         batch_idx: index of the batch in its epoch.
+        replaying: with ``step_every="batch"``, every chunk ran with its gradients held, and Lightning's one
+            optimisation of the batch takes ``replay``, the last chunk's training-step output, instead of running the
+            step again.
+        replay: that output.
     """
 
     blocks: int
@@ -121,6 +127,8 @@ class BatchState:
     skip_backward: bool = False
     chunk: int = 0
     batch_idx: int = 0
+    replaying: bool = False
+    replay: Any = None
     losses: Tensor = field(init=False)
     readouts: list[list[Tensor]] = field(init=False)
     calls: dict[int, int] = field(default_factory=dict)

@@ -13,6 +13,8 @@ optimizer step after each; :class:`ChunkLoop` keeps that contract. Per batch:
    ``on_before_zero_grad``/``optimizer_zero_grad``, ``backward`` (local gradients added, :mod:`~.batch`), the
    module's ``optimizer_step`` with the closure, gradient clipping, the step counters. ``global_step`` therefore
    counts chunks.
+   With ``step_every="batch"`` (not Algorithm 1) the chunks' gradients are summed instead and Lightning's
+   optimisation runs once, after the last chunk (:meth:`ChunkLoop.run`).
 3. After the batch the streams continue from where the last chunk left them (one batch's draws, as in plain
    Lightning), and the neuron states are freed.
 
@@ -45,9 +47,10 @@ from lightning_tlbptt.losses import LocalLoss, rate_cross_entropy, rate_mse
 from lightning_tlbptt.probe import Probe, explain_cut_batch, versions_of
 from lightning_tlbptt.states import StateStreams
 
-__all__ = ["ChunkLoop", "Split", "split_along_time"]
+__all__ = ["ChunkLoop", "Split", "StepEvery", "split_along_time"]
 
 Split = Literal["network", "batch"]
+StepEvery = Literal["chunk", "batch"]
 
 
 class _RandomStreams:
@@ -88,6 +91,9 @@ class ChunkLoop:
         stop: whether training must stop now (``max_steps`` reached), asked after each chunk.
         retain_graphs: keep each block's graph after its local backward
             (:class:`~lightning_tlbptt.batch.LocalGradients`).
+        step_every: ``"chunk"`` (Algorithm 1) or ``"batch"``: every chunk's training step and backward run with
+            their gradients held and summed, and Lightning's optimisation runs once, after the last chunk, on the
+            sum (:meth:`run`).
     """
 
     def __init__(
@@ -108,8 +114,10 @@ class ChunkLoop:
         scale: Callable[[Tensor], Tensor] | None = None,
         stop: Callable[[], bool] = lambda: False,
         retain_graphs: bool = False,
+        step_every: StepEvery = "chunk",
     ) -> None:
         self.module, self.net, self.probed, self.classifiers = module, net, probed, classifiers
+        self.step_every = step_every
         self.k, self.split, self.split_batch = k, split, split_batch
         self.loss_fn, self.target, self.silence = loss_fn, target, silence
         self.label_free = loss_fn not in (rate_mse, rate_cross_entropy)  # the user's own loss may need no label
@@ -141,8 +149,15 @@ class ChunkLoop:
         batch_idx: int,
         kwargs: dict[str, Any],
         skip_backward: bool = False,
+        hold_one: Callable[[dict[str, Any]], Any] | None = None,
     ) -> dict[str, Any]:
         """One batch: ``run_one(kwargs)`` (Lightning's automatic optimisation) once per chunk.
+
+        With ``step_every="batch"``, ``hold_one(kwargs)`` runs each chunk instead (the training step, its loss's
+        gradients held with the local ones, no optimizer), then ``run_one`` runs once on the last chunk with
+        :attr:`BatchState.replay` set: the training step hands back the last chunk's output instead of running
+        again, and the step's backward adds the held sum. So the optimizer, zero_grad, the backward hooks and the
+        step counters run once per batch, as in plain Lightning; the training step runs once per chunk.
 
         ``skip_backward``: a forward-only batch (no local loss is back-propagated)."""
         batch = kwargs["batch"]
@@ -152,7 +167,8 @@ class ChunkLoop:
         self.state = state
         randomness = _RandomStreams(self.device)
         pristine = _copy_if_chunked(batch, self)
-        output: dict[str, Any] = {}
+        output: Any = {}
+        hold = self.step_every == "batch" and not skip_backward and hold_one is not None
         self.streams.start_batch()
         try:
             with ExitStack() as stack:
@@ -172,17 +188,21 @@ class ChunkLoop:
                         )
                     self.streams.start_chunk()
                     state.seen_T = None if self.split == "network" else state.seen_T
-                    self.gradients.clear()
-                    if not skip_backward:  # a forward-only batch leaves the gradients as Lightning leaves them
-                        self.gradients.free_step_gradients()
+                    if not (hold and index):  # held gradients add up over a batch's chunks
+                        self.gradients.clear()
+                        if not skip_backward:  # a forward-only batch leaves the gradients as Lightning leaves them
+                            self.gradients.free_step_gradients()
                     try:
-                        output = run_one({**kwargs, "batch": chunk})
+                        output = (hold_one if hold else run_one)({**kwargs, "batch": chunk})  # type: ignore[misc]
                     except Exception as err:
                         self._explain(err, state)
                         raise
                     self.streams.end_chunk()
-                    if self.stop():  # max_steps counts optimizer steps: it can fall inside a batch
+                    if not hold and self.stop():  # max_steps counts optimizer steps: it can fall inside a batch
                         break
+                if hold:
+                    state.replaying, state.replay = True, output
+                    output = run_one({**kwargs, "batch": chunk})
             self.chunks_seen = index + 1
         finally:
             self.streams.end_batch()

@@ -162,14 +162,15 @@ class LocalClassifier(nn.Module):
     averaged over ranks under ``torch.distributed``). Its first training forward (in training mode with gradients
     enabled; not a no-grad probe such as the strategy's setup call, nor evaluation) shifts the bias so that its own
     mean output holds the neuron's membrane at threshold, so the readout fires and learns from the first chunk on.
-    That chunk is the ramp-up after a reset (steps 0-1 at ``k = 2``): its mean is not the rest of the sequence's,
-    and a readout left there sits off its threshold for the rest of the sequence. So the whole first batch (every chunk and time slice until the neuron is reset) is measured too,
-    and the first training forward after the reset (the next batch) re-centres the bias on that whole-sequence mean,
-    as for the network's output layer (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`); the result does
-    not depend on how the batch is cut into chunks or slices. A random readout gets the same start: its bias is set,
-    then stays frozen. The buffer ``balanced`` records that both steps happened; it is in the ``state_dict`` (so in
-    the strategy's checkpoints), and a classifier loaded from one is not balanced again. A state_dict saved before
-    this buffer existed loads as balanced: that readout has trained already.
+    That call is the ramp-up after a reset (steps 0-1 at ``k = 2``, or the first time slice): its mean is not the
+    rest of the sequence's, and a readout left there sits off its threshold for the rest of the sequence. So the
+    whole first batch (every chunk and time slice until the neuron is reset) is measured too, and the first training
+    forward after the reset (the next batch) re-centres the bias on that whole-sequence mean, as for the network's
+    output layer (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`); that bias does not depend on how the
+    batch is cut into chunks or time slices (the first step's does: it is the first call's). A random readout gets
+    the same start: its bias is set, then stays frozen. The buffer ``balanced`` records that both steps happened; it
+    is in the ``state_dict`` (so in the strategy's checkpoints), and a classifier loaded from one is not balanced
+    again. A state_dict saved before this buffer existed loads as balanced: that readout has trained already.
 
     Args:
         num_classes: output width.

@@ -22,8 +22,9 @@ What the strategy adds, per job:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -41,7 +42,7 @@ from typing_extensions import override
 from lightning_tlbptt import _lightning, _twin, budget, checkpointing, measuring, neurons
 from lightning_tlbptt.batch import batch_size
 from lightning_tlbptt.checks import SilenceCheck, check_gradients
-from lightning_tlbptt.chunks import ChunkLoop, Split, split_along_time
+from lightning_tlbptt.chunks import ChunkLoop, Split, StepEvery, split_along_time
 from lightning_tlbptt.classifiers import ClassifierKind
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
 from lightning_tlbptt.partitioning import _check_spiking as check_spiking
@@ -100,6 +101,13 @@ class _Algorithm:
         retain_block_graphs: keep each block's graph after its local backward until the network call returns, so
             that a loss of yours on a tensor made inside a block (hidden spikes returned beside the output) also
             back-propagates into that block. Off by default: it keeps every block's activations of the chunk.
+        step_every: ``"chunk"``: Algorithm 1, an optimizer step after every chunk (``global_step`` counts chunks).
+            ``"batch"``: the chunks' gradients (their local losses' and the losses your ``training_step`` returns)
+            are summed and the optimizer steps once per batch, after its last chunk, as in plain Lightning
+            (``global_step`` counts batches; zero_grad, the backward hooks and clipping once per batch). The same
+            memory (gradients are held once); ``T / k - 1`` fewer optimizer steps, which on a large network cost
+            more than the rest of the batch (docs/benchmarks.md). Not the paper's algorithm: docs/results.md gives
+            its accuracy beside Algorithm 1's.
         **kwargs: passed to Lightning's ``SingleDeviceStrategy`` / ``DDPStrategy``.
     """
 
@@ -126,6 +134,7 @@ class _Algorithm:
         coarsen_slices: bool = True,
         balance_readouts: bool = True,
         retain_block_graphs: bool = False,
+        step_every: StepEvery = "chunk",
         **kwargs: Any,
     ) -> None:
         for name, value in (("k", k), ("n", n)):
@@ -143,6 +152,11 @@ class _Algorithm:
             raise ValueError(f"classifier must be 'trainable' or 'random', got {classifier!r}")
         if time_split not in ("auto", "network", "batch"):
             raise ValueError(f"time_split must be 'auto', 'network' or 'batch', got {time_split!r}")
+        if step_every not in ("chunk", "batch"):
+            raise ValueError(
+                f"step_every must be 'chunk' (an optimizer step after every chunk, Algorithm 1) or 'batch' (one step "
+                f"per batch on the chunks' summed gradients), got {step_every!r}"
+            )
         if silent_steps is not None and (not isinstance(silent_steps, int) or silent_steps < 1):
             raise ValueError(f"silent_steps must be a positive int or None, got {silent_steps!r}")
         super().__init__(**kwargs)
@@ -169,6 +183,7 @@ class _Algorithm:
         self.coarsen_slices = coarsen_slices
         self.balance_readouts = balance_readouts
         self.retain_block_graphs = retain_block_graphs
+        self.step_every: StepEvery = step_every
         self.partition = None
         self._net: nn.Module | None = None
         self._classifiers: nn.ModuleList | None = None
@@ -286,7 +301,21 @@ class _Algorithm:
         self, loop: ChunkLoop, run: _lightning.BatchRun, optimizer: Any, batch_idx: int, kwargs: dict[str, Any]
     ) -> Any:
         skip = _lightning.skips_backward(loop.module.trainer)
-        return loop.run(lambda chunk_kwargs: run(optimizer, batch_idx, chunk_kwargs), batch_idx, kwargs, skip)
+        return loop.run(
+            lambda chunk_kwargs: run(optimizer, batch_idx, chunk_kwargs), batch_idx, kwargs, skip, self._hold_chunk
+        )
+
+    def _hold_chunk(self, kwargs: dict[str, Any]) -> STEP_OUTPUT:
+        """``step_every="batch"``: one chunk's training step as Lightning's closure runs it, its loss's gradients held
+        with the local losses' (no zero_grad, no optimizer)."""
+        loop = self._loop
+        assert loop is not None
+        output = _lightning.call_training_step(self.lightning_module.trainer, kwargs)  # type: ignore[attr-defined]
+        loss = output.get("loss") if isinstance(output, Mapping) else output
+        if isinstance(loss, Tensor) and loss.requires_grad:
+            with self._explaining_freed_graphs():
+                loop.gradients.backward(loss, retain_graph=False)
+        return output
 
     def prepare(self, batch: Any) -> ChunkLoop:
         """Probe the network on this training batch (on the device) and build the local classifiers, once per fit.
@@ -352,6 +381,7 @@ class _Algorithm:
             device=device,
             scale=scaler.scale if scaler is not None else None,
             retain_graphs=self.retain_block_graphs,
+            step_every=self.step_every,
             # fast_dev_run runs its batches whole (it sets max_steps to the number of batches)
             stop=lambda: not trainer.fast_dev_run and 0 <= trainer.fit_loop.epoch_loop.max_steps <= trainer.global_step,
         )
@@ -362,7 +392,7 @@ class _Algorithm:
         # the probe's copies of the network's input and its blocks' are needed no longer: a batch's worth of memory
         loop.probed = dataclasses.replace(probed, args=(), kwargs={}, block_inputs=[])
         self._silence.k = self.k
-        if probed.T is not None:
+        if probed.T is not None and self.step_every == "chunk":
             _lightning.stretch_lr_finder(trainer, loop.chunks_in(probed.T))
         blocks = probed.partition.blocks
         rank_zero_info(
@@ -376,6 +406,8 @@ class _Algorithm:
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         loop = self._loop
         assert loop is not None and loop.state is not None
+        if loop.state.replaying:  # step_every="batch": the last chunk ran already, its gradients are held
+            return loop.state.replay
         batch = args[0] if args else kwargs["batch"]
         output = super().training_step(*args, **kwargs)  # type: ignore[misc]
         loop.after_step()
@@ -393,24 +425,15 @@ class _Algorithm:
         module = self.lightning_module  # type: ignore[attr-defined]
         loop = self._loop
         assert loop is not None
+        state = loop.state
+        assert state is not None
         loop.gradients.add_to_grad()
         self.pre_backward(closure_loss)  # type: ignore[attr-defined]
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)  # type: ignore[attr-defined]
-        try:
-            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)  # type: ignore[attr-defined]
-        except RuntimeError as err:
-            if "backward through the graph a second time" not in str(err):
-                raise
-            raise RuntimeError(
-                "the loss your training_step returned reads a tensor made inside a block before the last (e.g. "
-                f"hidden spikes your network returns beside its output), whose graph the strategy freed at the block "
-                f"boundary after its local loss (n={self.n}). Pass TruncatedLocalBPTT(retain_block_graphs=True) so "
-                "that your loss back-propagates into that block too (it keeps the blocks' activations of a chunk), "
-                "use .detach() on that tensor in the loss, or n=None. No weight has changed."
-            ) from err
+        if not state.replaying:  # replayed, the loss's gradients were held and added above
+            with self._explaining_freed_graphs():
+                self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)  # type: ignore[attr-defined]
         self.reduce_gradients(module)
-        state = loop.state
-        assert state is not None
         where = f"chunk {state.chunk} (time steps from {state.window[0]}) of batch {state.batch_idx}"
         optimizer_ = self.optimizers[0]  # type: ignore[attr-defined]
         check_gradients(
@@ -425,6 +448,21 @@ class _Algorithm:
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # type: ignore[attr-defined]
         self.post_backward(closure_loss)  # type: ignore[attr-defined]
         return closure_loss
+
+    @contextlib.contextmanager
+    def _explaining_freed_graphs(self) -> Iterator[None]:
+        try:
+            yield
+        except RuntimeError as err:
+            if "backward through the graph a second time" not in str(err):
+                raise
+            raise RuntimeError(
+                "the loss your training_step returned reads a tensor made inside a block before the last (e.g. "
+                f"hidden spikes your network returns beside its output), whose graph the strategy freed at the block "
+                f"boundary after its local loss (n={self.n}). Pass TruncatedLocalBPTT(retain_block_graphs=True) so "
+                "that your loss back-propagates into that block too (it keeps the blocks' activations of a chunk), "
+                "use .detach() on that tensor in the loss, or n=None. No weight has changed."
+            ) from err
 
     def reduce_gradients(self, module: pl.LightningModule) -> None:
         """Average gradients over ranks (nothing on one device)."""
