@@ -40,12 +40,15 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DOCS_IMG = HERE.parent / "docs" / "img"
 
-SETTINGS: dict[str, tuple[int, int, str] | None] = {
+SETTINGS: dict[str, tuple[int, int, str, str] | None] = {
     "BPTT": None,
-    "k10n1": (10, 1, "trainable"),
-    "k5n2": (5, 2, "trainable"),
-    "k2n1": (2, 1, "trainable"),
-    "k5n2-random": (5, 2, "random"),
+    "k10n1": (10, 1, "trainable", "chunk"),
+    "k5n2": (5, 2, "trainable", "chunk"),
+    "k2n1": (2, 1, "trainable", "chunk"),
+    "k5n2-random": (5, 2, "random", "chunk"),
+    # step_every="batch" (opt-in, not Algorithm 1): the chunks' gradients summed, one optimizer step per batch
+    "k10n1-batch": (10, 1, "trainable", "batch"),
+    "k2n1-batch": (2, 1, "trainable", "batch"),
 }
 LABELS = {
     "BPTT": "BPTT",
@@ -53,6 +56,8 @@ LABELS = {
     "k5n2": "TLBPTT(k=5, n=2)",
     "k2n1": "TLBPTT(k=2, n=1)",
     "k5n2-random": "TLBPTT(k=5, n=2, random)",
+    "k10n1-batch": "TLBPTT(k=10, n=1), step per batch",
+    "k2n1-batch": "TLBPTT(k=2, n=1), step per batch",
 }
 DATASET_NAMES = {"mnist5k": "MNIST-5k", "event_mnist": "EventMNIST"}
 
@@ -143,7 +148,9 @@ def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
     cfg = SETTINGS[name]
     strategy: str | TruncatedLocalBPTT = "auto"
     if cfg is not None:
-        strategy = TruncatedLocalBPTT(k=cfg[0], n=cfg[1], classifier=cfg[2], loss=setting["loss"])
+        strategy = TruncatedLocalBPTT(
+            k=cfg[0], n=cfg[1], classifier=cfg[2], loss=setting["loss"], step_every=cfg[3]
+        )
     limits = {"limit_train_batches": job["limit_train_batches"]} if job.get("limit_train_batches") else {}
     result = fit_and_measure(
         LABELS[name], model, data, strategy=strategy, accelerator="cpu", max_epochs=epochs, callbacks=[Curve()],
@@ -314,7 +321,8 @@ def report(args: argparse.Namespace) -> int:
 
     args.img.mkdir(parents=True, exist_ok=True)
     datasets = [d for d in DATASET_NAMES if any(r["dataset"] == d for r in rows)]
-    colors = dict(zip(SETTINGS, ["black", "tab:blue", "tab:orange", "tab:green", "tab:red"], strict=True))
+    palette = ["black", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:cyan", "tab:olive"]
+    colors = dict(zip(SETTINGS, palette, strict=True))
 
     # tables
     for d in datasets:

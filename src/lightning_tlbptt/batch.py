@@ -75,6 +75,12 @@ class LocalGradients:
                 held = self._held[i]
                 self._held[i] = g if held is None else held.add_(g)
 
+    def average(self, count: int) -> None:
+        """Divide the held gradients by ``count`` (the chunks they were summed over)."""
+        for g in self._held:
+            if g is not None:
+                g.div_(count)
+
     def add_to_grad(self) -> None:
         """Accumulate the held gradients into ``.grad`` (as ``loss.backward()`` would have) and forget them."""
         for p, g in zip(self.params, self._held, strict=True):

@@ -102,10 +102,10 @@ class SilenceCheck:
 
     Args:
         silent_steps: optimizer steps without a spike before warning (``None``: the check is off).
-        k: the chunk length, named in the advice.
+        k: the chunk length, named in the advice; ``None`` when the optimizer steps once per batch.
     """
 
-    def __init__(self, silent_steps: int | None, k: int | str) -> None:
+    def __init__(self, silent_steps: int | None, k: int | str | None) -> None:
         self.silent_steps = silent_steps
         self.k = k
         self._spiked: dict[str, Tensor] = {}
@@ -169,9 +169,10 @@ class SilenceCheck:
                 "TruncatedLocalBPTT(classifier='trainable') or a larger n (fewer, deeper blocks)."
             )
         else:
+            per_batch = "" if self.k is None else f", and every batch takes T/k optimizer steps (k={self.k})"
             why = (
-                "It fired before, so the updates pushed it out: the learning rate is usually too high, and every "
-                f"batch takes T/k optimizer steps (k={self.k}); lower it."
+                f"It fired before, so the updates pushed it out: the learning rate is usually too high{per_batch}; "
+                "lower it."
             )
         rank_zero_warn(
             f"{who} has not spiked for {steps} optimizer steps in a row (global step {global_step}), so it passes "

@@ -13,7 +13,7 @@ optimizer step after each; :class:`ChunkLoop` keeps that contract. Per batch:
    ``on_before_zero_grad``/``optimizer_zero_grad``, ``backward`` (local gradients added, :mod:`~.batch`), the
    module's ``optimizer_step`` with the closure, gradient clipping, the step counters. ``global_step`` therefore
    counts chunks.
-   With ``step_every="batch"`` (not Algorithm 1) the chunks' gradients are summed instead and Lightning's
+   With ``step_every="batch"`` (not Algorithm 1) the chunks' gradients are averaged instead and Lightning's
    optimisation runs once, after the last chunk (:meth:`ChunkLoop.run`).
 3. After the batch the streams continue from where the last chunk left them (one batch's draws, as in plain
    Lightning), and the neuron states are freed.
@@ -92,8 +92,8 @@ class ChunkLoop:
         retain_graphs: keep each block's graph after its local backward
             (:class:`~lightning_tlbptt.batch.LocalGradients`).
         step_every: ``"chunk"`` (Algorithm 1) or ``"batch"``: every chunk's training step and backward run with
-            their gradients held and summed, and Lightning's optimisation runs once, after the last chunk, on the
-            sum (:meth:`run`).
+            their gradients held, and Lightning's optimisation runs once, after the last chunk, on their mean
+            (:meth:`run`).
     """
 
     def __init__(
@@ -156,7 +156,8 @@ class ChunkLoop:
         With ``step_every="batch"``, ``hold_one(kwargs)`` runs each chunk instead (the training step, its loss's
         gradients held with the local ones, no optimizer), then ``run_one`` runs once on the last chunk with
         :attr:`BatchState.replay` set: the training step hands back the last chunk's output instead of running
-        again, and the step's backward adds the held sum. So the optimizer, zero_grad, the backward hooks and the
+        again, and the step's backward adds the chunks' mean gradient (as Lightning's gradient accumulation
+        averages over its batches). So the optimizer, zero_grad, the backward hooks and the
         step counters run once per batch, as in plain Lightning; the training step runs once per chunk.
 
         ``skip_backward``: a forward-only batch (no local loss is back-propagated)."""
@@ -201,6 +202,7 @@ class ChunkLoop:
                     if not hold and self.stop():  # max_steps counts optimizer steps: it can fall inside a batch
                         break
                 if hold:
+                    self.gradients.average(index + 1)
                     state.replaying, state.replay = True, output
                     output = run_one({**kwargs, "batch": chunk})
             self.chunks_seen = index + 1

@@ -160,17 +160,18 @@ class LocalClassifier(nn.Module):
 
     With ``balance`` (the default), the readout starts at its threshold, in two steps (:func:`balance_bias`'s rule,
     averaged over ranks under ``torch.distributed``). Its first training forward (in training mode with gradients
-    enabled; not a no-grad probe such as the strategy's setup call, nor evaluation) shifts the bias so that its own
-    mean output holds the neuron's membrane at threshold, so the readout fires and learns from the first chunk on.
-    That call is the ramp-up after a reset (steps 0-1 at ``k = 2``, or the first time slice): its mean is not the
-    rest of the sequence's, and a readout left there sits off its threshold for the rest of the sequence. So the
+    enabled; not a no-grad probe such as the strategy's setup call, nor evaluation) shifts the bias so that its mean
+    output on the sequence's first time step holds the neuron's membrane at threshold, so the readout fires and
+    learns from the first chunk on. The first step is the same however the batch is cut into chunks and time slices,
+    so that start does not depend on ``k`` or ``slice_bytes``; but it is the ramp-up after a reset, whose mean is
+    not the rest of the sequence's, and a readout left there sits off its threshold for the rest of it. So the
     whole first batch (every chunk and time slice until the neuron is reset) is measured too, and the first training
     forward after the reset (the next batch) re-centres the bias on that whole-sequence mean, as for the network's
-    output layer (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`); that bias does not depend on how the
-    batch is cut into chunks or time slices (the first step's does: it is the first call's). A random readout gets
-    the same start: its bias is set, then stays frozen. The buffer ``balanced`` records that both steps happened; it
-    is in the ``state_dict`` (so in the strategy's checkpoints), and a classifier loaded from one is not balanced
-    again. A state_dict saved before this buffer existed loads as balanced: that readout has trained already.
+    output layer (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`), again independent of the cut. A
+    random readout gets the same start: its bias is set, then stays frozen. The buffer ``balanced`` records that both
+    steps happened; it is in the ``state_dict`` (so in the strategy's checkpoints), and a classifier loaded from one is
+    not balanced again. A state_dict saved before this buffer existed loads as balanced: that readout has trained
+    already.
 
     Args:
         num_classes: output width.
@@ -248,7 +249,8 @@ class LocalClassifier(nn.Module):
         current = self.linear(x)
         if measuring:
             if self._first_batch is None:  # its first training forward: fire from the first chunk on
-                current = current + _shift_bias(self.linear, self.neuron, current.detach().sum(0), current.shape[0])
+                # from the first time step alone (the rows of step 0 lead): the same however the chunk is sliced
+                current = current + _shift_bias(self.linear, self.neuron, current[:b].detach().sum(0), b)
             sums, rows = self._first_batch or (torch.zeros(current.shape[-1], dtype=torch.float64), 0)
             self._first_batch = (sums.to(current.device) + current.detach().sum(0), rows + current.shape[0])
         return self.neuron(current.unflatten(0, (k, b)))

@@ -103,7 +103,7 @@ class _Algorithm:
             back-propagates into that block. Off by default: it keeps every block's activations of the chunk.
         step_every: ``"chunk"``: Algorithm 1, an optimizer step after every chunk (``global_step`` counts chunks).
             ``"batch"``: the chunks' gradients (their local losses' and the losses your ``training_step`` returns)
-            are summed and the optimizer steps once per batch, after its last chunk, as in plain Lightning
+            are averaged and the optimizer steps once per batch, after its last chunk, as in plain Lightning
             (``global_step`` counts batches; zero_grad, the backward hooks and clipping once per batch). The same
             memory (gradients are held once); ``T / k - 1`` fewer optimizer steps, which on a large network cost
             more than the rest of the batch (docs/benchmarks.md). Not the paper's algorithm: docs/results.md gives
@@ -155,7 +155,7 @@ class _Algorithm:
         if step_every not in ("chunk", "batch"):
             raise ValueError(
                 f"step_every must be 'chunk' (an optimizer step after every chunk, Algorithm 1) or 'batch' (one step "
-                f"per batch on the chunks' summed gradients), got {step_every!r}"
+                f"per batch on the chunks' mean gradient), got {step_every!r}"
             )
         if silent_steps is not None and (not isinstance(silent_steps, int) or silent_steps < 1):
             raise ValueError(f"silent_steps must be a positive int or None, got {silent_steps!r}")
@@ -251,7 +251,7 @@ class _Algorithm:
                 "(single-step networks) pass an int k."
             )
         self._loop, self._classifiers, self.partition, self._budget_pending = None, None, None, False
-        self._silence = SilenceCheck(self.silent_steps, self.k)
+        self._silence = SilenceCheck(self.silent_steps, self.k if self.step_every == "chunk" else None)
         try:
             super().setup(trainer)  # type: ignore[misc]
         except RuntimeError as err:
@@ -391,7 +391,7 @@ class _Algorithm:
             loop.k = self.k
         # the probe's copies of the network's input and its blocks' are needed no longer: a batch's worth of memory
         loop.probed = dataclasses.replace(probed, args=(), kwargs={}, block_inputs=[])
-        self._silence.k = self.k
+        self._silence.k = self.k if self.step_every == "chunk" else None
         if probed.T is not None and self.step_every == "chunk":
             _lightning.stretch_lr_finder(trainer, loop.chunks_in(probed.T))
         blocks = probed.partition.blocks
