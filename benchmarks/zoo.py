@@ -599,7 +599,7 @@ def _profile_child(method: str, net: Network, batch: int, torch_ops: bool) -> di
     return out
 
 
-def run_profile(net: Network, methods: Sequence[str], batch: int | None) -> None:
+def run_profile(net: Network, methods: Sequence[str], batch: int | None, tag: str = "") -> None:
     b = batch or net.batch
     rows: list[dict[str, Any]] = []
     for torch_ops in (False, True):
@@ -624,7 +624,7 @@ def run_profile(net: Network, methods: Sequence[str], batch: int | None) -> None
                         "load_1min": os.getloadavg()[0],
                     }
                 )
-    path = _path(f"zoo_profile_{net.name}", "" if b == net.batch else f"B{b}")
+    path = _path(f"zoo_profile_{net.name}", "_".join(t for t in (tag, "" if b == net.batch else f"B{b}") if t))
     H.write_csv(path, rows)
     print(f"wrote {path}")
 
@@ -701,7 +701,9 @@ def main() -> None:
         parser.error("--methods must start with 'a': every ratio is against it")
     print(f"{setup}; load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.profile:
-        run_profile(NETWORKS[args.profile], [m for m in methods if m in ("a", "c1")] or ["a", "c1"], args.batch)
+        run_profile(
+            NETWORKS[args.profile], [m for m in methods if m in ("a", "c1", "e1")] or ["a", "c1"], args.batch, args.tag
+        )
         return
     if args.adam:
         run_adam(nets)

@@ -7,6 +7,7 @@ Every command parses its options before importing what it runs, so ``tlbptt --he
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,13 @@ def demo(argv: list[str]) -> int:
         "--lr", type=float, default=None, help="learning rate (default: the paper's EMNIST rate scaled to the batch)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs trained at once, each in a process of one torch thread (default: every run at once where the "
+        "machine has 2 cores or more; 1: one after another, timed in wall time)",
+    )
     for name, what in (
         ("--balance-output", "balance the output layer's bias from one batch when training starts"),
         ("--scale-lr", "scale the default learning rate to --batch-size (false: the paper's raw 0.2)"),
@@ -70,6 +78,7 @@ def demo(argv: list[str]) -> int:
         parser.add_argument(name, type=flag, nargs="?", const=True, default=True, metavar="BOOL", help=what)
     args = parser.parse_args(argv)
     settings = [tuple(int(v) for v in s.split(",")) for s in args.setting] if args.setting else DEMO["settings"]
+    jobs = args.jobs if args.jobs is not None else (len(settings) + 1 if (os.cpu_count() or 1) >= 2 else 1)
 
     from lightning_tlbptt.paper import PaperClassifier, paper_setting
     from lightning_tlbptt.paper.data import MNIST5kDataModule
@@ -92,16 +101,22 @@ def demo(argv: list[str]) -> int:
             classifier=args.classifier,
             epochs=args.epochs,
             seed=args.seed,
+            jobs=jobs,
         )
     print(
         f"\nSpiking LeNet-1 on MNIST-5k (4,000 train / 1,000 val), T={args.T}, batch {args.batch_size}, lr {lr:g}, "
         f"{args.epochs} epoch(s), seed {args.seed}:\n"
     )
-    print(format_table(results))
+    print(format_table(results, clock="cpu" if jobs > 1 else "wall"))
+    timing = (
+        f"cpu time: CPU seconds of each fit ({jobs} trained at once, one thread each)"
+        if jobs > 1
+        else "time: wall seconds of each fit"
+    )
     print(
         "\nval acc: validation accuracy after the last epoch; peak mem: activations saved for backward plus "
-        "parameters,\ngradients and optimizer state. One seed of a short run: the full study over seeds and epochs "
-        "is docs/results.md."
+        f"parameters,\ngradients and optimizer state; {timing}.\nOne seed of a short run: the full study over "
+        "seeds and epochs is docs/results.md."
     )
     return 0
 

@@ -9,10 +9,14 @@ One fit is one measurement: the peak of activations saved for backward over the 
 
 from __future__ import annotations
 
+import functools
+import multiprocessing as mp
+import queue
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -37,6 +41,8 @@ class RunResult:
         cuda_max_allocated_bytes: ``torch.cuda.max_memory_allocated`` over the run, or ``None`` on CPU.
         seconds: wall time of ``Trainer.fit`` (training and validation).
         optimizer_steps: ``trainer.global_step``.
+        cpu_seconds: CPU time of the process over ``Trainer.fit`` (every thread): the fair measure when runs share
+            the cores.
     """
 
     name: str
@@ -46,6 +52,7 @@ class RunResult:
     cuda_max_allocated_bytes: int | None
     seconds: float
     optimizer_steps: int
+    cpu_seconds: float = float("nan")
 
     @property
     def peak_bytes(self) -> int:
@@ -106,10 +113,10 @@ def fit_and_measure(
     cuda = trainer.strategy.root_device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with SavedTensorsMeter() as meter:
         trainer.fit(module, datamodule=datamodule)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return RunResult(
         name=name,
         val_acc=float(trainer.callback_metrics["val/acc"]),
@@ -118,6 +125,7 @@ def fit_and_measure(
         cuda_max_allocated_bytes=torch.cuda.max_memory_allocated() if cuda else None,
         seconds=seconds,
         optimizer_steps=trainer.global_step,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -131,6 +139,7 @@ def compare(
     epochs: int = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    jobs: int = 1,
 ) -> list[RunResult]:
     """Train ``make_module()`` with plain BPTT, then with ``TruncatedLocalBPTT(k, n)`` for each setting.
 
@@ -138,29 +147,90 @@ def compare(
     :class:`~lightning_tlbptt.paper.PaperClassifier`, a :class:`~lightning_tlbptt.module.SpikingClassifier` of a
     freshly built network) starts every run from the same weights, and every run sees the same batches. ``loss`` is
     the local classifiers' loss (the module's own, by name).
+
+    ``jobs > 1`` runs up to that many fits at once, each in a forked process with one torch thread (where the
+    platform forks; else one after another): the same figures, sooner on several cores; compare their
+    ``cpu_seconds``, since the runs share the cores.
     """
     runs: list[tuple[str, str | TruncatedLocalBPTT]] = [("BPTT", "auto")]
     runs += [
         (f"TLBPTT(k={k}, n={n})", TruncatedLocalBPTT(k=k, n=n, classifier=classifier, loss=loss)) for k, n in settings
     ]
-    results = []
-    for name, strategy in runs:
+
+    def run(name: str, strategy: str | TruncatedLocalBPTT) -> RunResult:
         L.seed_everything(seed, verbose=False)
         module = make_module()
-        results.append(
-            fit_and_measure(name, module, datamodule, strategy=strategy, accelerator=accelerator, max_epochs=epochs)
+        return fit_and_measure(
+            name,
+            module,
+            datamodule,
+            strategy=strategy,
+            accelerator=accelerator,
+            max_epochs=epochs,
+            check_val_every_n_epoch=epochs,  # the table reports the last epoch's accuracy only
         )
-    return results
+
+    tasks = [functools.partial(run, name, strategy) for name, strategy in runs]
+    if jobs > 1 and "fork" in mp.get_all_start_methods():
+        return _forked(tasks, jobs)
+    return [task() for task in tasks]
 
 
-def format_table(results: Sequence[RunResult]) -> str:
-    """A plain-text table with each run's figures and its ratio to the first (BPTT) run."""
+def _forked(tasks: Sequence[Callable[[], RunResult]], jobs: int) -> list[RunResult]:
+    """Each task in a forked child of one torch thread, ``jobs`` at a time; results in task order. A child's error is
+    raised here with its traceback; a child that dies without one (killed) is named with its exit code."""
+    context = mp.get_context("fork")  # the children inherit the tasks (closures): nothing is pickled but results
+    results_queue = context.Queue()
+
+    def child(index: int, task: Callable[[], RunResult]) -> None:
+        torch.set_num_threads(1)
+        try:
+            results_queue.put((index, task(), None))
+        except BaseException:
+            results_queue.put((index, None, traceback.format_exc()))
+
+    results: dict[int, RunResult] = {}
+    waiting = list(enumerate(tasks))
+    running: dict[int, Any] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                index, task = waiting.pop(0)
+                running[index] = context.Process(target=child, args=(index, task), daemon=True)
+                running[index].start()
+            try:
+                index, result, error = results_queue.get(timeout=1.0)
+            except queue.Empty:
+                dead = {i: p.exitcode for i, p in running.items() if p.exitcode is not None}
+                if dead:
+                    try:  # a child that finished may have exited before its result was read
+                        index, result, error = results_queue.get(timeout=5.0)
+                    except queue.Empty:
+                        raise RuntimeError(f"run(s) {sorted(dead)} died without a result (exit codes {dead})") from None
+                else:
+                    continue
+            running.pop(index).join()
+            if error is not None:
+                raise RuntimeError(f"run {index} failed in its process:\n{error}")
+            results[index] = result
+    finally:
+        for process in running.values():
+            process.terminate()
+    return [results[i] for i in range(len(tasks))]
+
+
+def format_table(results: Sequence[RunResult], clock: Literal["wall", "cpu"] = "wall") -> str:
+    """A plain-text table with each run's figures and its ratio to the first (BPTT) run; ``clock`` picks the time
+    shown (``"cpu"`` for runs that shared the cores)."""
     base = results[0]
-    header = f"{'run':<22}{'val acc':>9}{'peak mem':>12}{'vs BPTT':>9}{'activations':>13}{'time':>9}{'vs BPTT':>9}"
+    title = "time" if clock == "wall" else "cpu time"
+    header = f"{'run':<22}{'val acc':>9}{'peak mem':>12}{'vs BPTT':>9}{'activations':>13}{title:>10}{'vs BPTT':>9}"
     lines = [header, "-" * len(header)]
     for r in results:
+        seconds = r.seconds if clock == "wall" else r.cpu_seconds
+        base_seconds = base.seconds if clock == "wall" else base.cpu_seconds
         lines.append(
             f"{r.name:<22}{r.val_acc:>9.2%}{r.peak_bytes / 2**20:>9.1f} MiB{r.peak_bytes / base.peak_bytes:>9.2f}"
-            f"{r.saved_activation_bytes / 2**20:>9.1f} MiB{r.seconds:>8.1f}s{r.seconds / base.seconds:>9.2f}"
+            f"{r.saved_activation_bytes / 2**20:>9.1f} MiB{seconds:>9.1f}s{seconds / base_seconds:>9.2f}"
         )
     return "\n".join(lines)
