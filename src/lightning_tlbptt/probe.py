@@ -29,6 +29,7 @@ from spikingjelly.activation_based import functional
 from torch import Tensor, nn
 
 from lightning_tlbptt import slicing
+from lightning_tlbptt.batch import tensors
 from lightning_tlbptt.classifiers import ClassifierKind, LocalClassifier
 from lightning_tlbptt.partitioning import Partition, PartitionError, observe
 
@@ -150,9 +151,7 @@ def probe(
 
 def versions_of(batch: Any) -> list[int]:
     """The version counters of a batch's tensors: they change when a tensor is edited in place."""
-    found: list[int] = []
-    apply_to_collection(batch, Tensor, lambda t: found.append(t._version))
-    return found
+    return [t._version for t in tensors(batch)]
 
 
 def count_calls(module: pl.LightningModule, net: nn.Module, batch: Any) -> int:
@@ -238,8 +237,7 @@ def time_axis_in_batch(
         return True  # the module cuts its own batches
     with forked_random_streams(device):
         calls = count_calls(module, net, batch)
-    found: list[Tensor] = []
-    apply_to_collection(batch, Tensor, found.append)
+    found = tensors(batch)
     steps = found[0].shape[time_dim] if found and found[0].dim() > time_dim else None
     if calls <= 1 or calls == steps:
         return True

@@ -24,6 +24,7 @@ counts as a reset of all of them (``functional.reset_net`` resets every module i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,12 +100,14 @@ class StateStreams:
 
     def _ran(self) -> bool:
         return any(
-            any(a is not b for a, b in zip(mark, m._memories.values(), strict=True))
+            any(_marked(a) is not b for a, b in zip(mark, m._memories.values(), strict=True))
             for mark, m in zip(self._marks, self.modules, strict=True)
         )
 
     def _mark(self) -> list[tuple[Any, ...]]:
-        return [tuple(m._memories.values()) for m in self.modules]
+        # tensors weakly: a mark must not keep alive a state the module has since replaced (the previous chunk's
+        # states, one per layer, would otherwise live until the chunk ends beside the new ones)
+        return [tuple(_Weak(v) if isinstance(v, Tensor) else v for v in m._memories.values()) for m in self.modules]
 
     def _snapshot(self) -> _Snapshot:
         # detach out of place: a recurrent container's state can be a view, which detach_ refuses
@@ -116,3 +119,20 @@ class StateStreams:
         for m in self.modules:
             type(m).reset(m)
         self._marks = self._mark()
+
+
+class _Weak(weakref.ref):  # type: ignore[type-arg]
+    """A mark's weak reference to a tensor state (a type of its own, so that no state value is taken for one)."""
+
+    __slots__ = ()
+
+
+_FREED = object()  # what a mark stands for once its tensor was freed: no state is it
+
+
+def _marked(mark: Any) -> Any:
+    """The value a mark stands for: its tensor (:data:`_FREED` once freed), or the value itself."""
+    if isinstance(mark, _Weak):
+        value = mark()
+        return _FREED if value is None else value
+    return mark
