@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tlbptt import TruncatedLocalBPTT
-from lightning_tlbptt.checks import local_target
+from lightning_tlbptt.checks import SilenceCheck, local_target
 
 from snn_fixtures import conv_net, event_batches, lif
 
@@ -200,3 +200,18 @@ def test_local_readouts_start_inside_the_window_and_fire_in_the_first_batch(make
         fired[balance] = recorder.fired
     assert fired[True] and all(fired[True].values()), fired
     assert not all(fired[False].values()), "the default init already fires: the test shows nothing"
+
+
+def _silence_after_firing(check: SilenceCheck, who: str, steps: int) -> None:
+    for step, spikes in enumerate([torch.ones(1, 1, 3)] + [torch.zeros(1, 1, 3)] * steps):
+        check.note(who, spikes)
+        keys, flags = check.take_flags()
+        check.record(keys, [f.tolist() for f in flags], step)
+
+
+@pytest.mark.parametrize(("kind", "advice"), [("random", "classifier='trainable'"), ("trainable", "lower it")])
+def test_a_readout_pushed_out_of_the_window_gets_the_advice_for_its_kind(kind: str, advice: str) -> None:
+    with pytest.warns(UserWarning, match=r"local classifier of block 0 has not spiked for 2") as record:
+        _silence_after_firing(SilenceCheck(2, 2, classifier=kind), "the local classifier of block 0", 2)
+    assert advice in str(record[0].message)
+    assert "your output layer" not in str(record[0].message)  # not a layer the user owns

@@ -103,11 +103,13 @@ class SilenceCheck:
     Args:
         silent_steps: optimizer steps without a spike before warning (``None``: the check is off).
         k: the chunk length, named in the advice; ``None`` when the optimizer steps once per batch.
+        classifier: the kind of the strategy's local readouts (a frozen ``"random"`` one cannot move back).
     """
 
-    def __init__(self, silent_steps: int | None, k: int | str | None) -> None:
+    def __init__(self, silent_steps: int | None, k: int | str | None, classifier: str = "trainable") -> None:
         self.silent_steps = silent_steps
         self.k = k
+        self.classifier = classifier
         self._spiked: dict[str, Tensor] = {}
         self._silent: dict[str, list[int]] = {}
         self._warned: set[str] = set()
@@ -167,6 +169,12 @@ class SilenceCheck:
                 "It has not fired since training started, although the strategy starts its local readouts inside "
                 "the surrogate window: the block's output is probably silent too. Try "
                 "TruncatedLocalBPTT(classifier='trainable') or a larger n (fewer, deeper blocks)."
+            )
+        elif key != NETWORK_OUTPUT and self.classifier == "random":
+            why = (
+                "It fired before, and the block's updates moved its input out of the surrogate window: a frozen "
+                "random readout cannot move back. TruncatedLocalBPTT(classifier='trainable') lets it; a lower "
+                "learning rate moves the block more slowly."
             )
         else:
             per_batch = "" if self.k is None else f", and every batch takes T/k optimizer steps (k={self.k})"

@@ -251,7 +251,7 @@ class _Algorithm:
                 "(single-step networks) pass an int k."
             )
         self._loop, self._classifiers, self.partition, self._budget_pending = None, None, None, False
-        self._silence = SilenceCheck(self.silent_steps, self.k if self.step_every == "chunk" else None)
+        self._silence = SilenceCheck(self.silent_steps, self.k if self.step_every == "chunk" else None, self.classifier)
         try:
             super().setup(trainer)  # type: ignore[misc]
         except RuntimeError as err:
