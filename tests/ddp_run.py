@@ -1,6 +1,7 @@
 """A real 2-process DDP run (gloo, CPU) of TruncatedLocalBPTT, or its 1-process reference on the same global batches.
 
-Usage: ``python tests/ddp_run.py OUT_DIR ddp|single|ragged`` (``ragged``: rank r's sequences have T = 4 + 2r).
+Usage: ``python tests/ddp_run.py OUT_DIR ddp|single|ragged[_batch]`` (``ragged``: rank r's sequences have
+T = 4 + 2r; ``_batch``: ``step_every="batch"``).
 Writes ``OUT_DIR/<mode>_rank<r>.pt``: the gradients
 right before every optimizer step. Run as a script so that Lightning's launcher can start rank 1 the
 way it does for users (by re-running the script).
@@ -43,6 +44,7 @@ def global_batches(ds: TensorDataset) -> list[list[int]]:
 
 
 def main(out: Path, mode: str) -> None:
+    mode, _, per = mode.partition("_")
     ds = dataset(4 + 2 * int(os.environ.get("LOCAL_RANK", "0")) if mode == "ragged" else 4)
     if mode in ("ddp", "ragged"):
         loader = DataLoader(ds, batch_size=PER_RANK_BATCH)
@@ -54,7 +56,9 @@ def main(out: Path, mode: str) -> None:
     find_runs = slicing.find_runs  # every layer in one-step slices, not only the widest, whatever the caller passes
     slicing.find_runs = lambda *args, **kwargs: find_runs(*args, **{**kwargs, "coarsen": False})
     trainer = L.Trainer(
-        strategy=(TruncatedLocalBPTTDDP if devices > 1 else TruncatedLocalBPTT)(k=2, n=1, slice_bytes=1),
+        strategy=(TruncatedLocalBPTTDDP if devices > 1 else TruncatedLocalBPTT)(
+            k=2, n=1, slice_bytes=1, step_every=per or "chunk"
+        ),
         accelerator="cpu",
         devices=devices,
         max_epochs=1,
@@ -65,7 +69,7 @@ def main(out: Path, mode: str) -> None:
         callbacks=[recorder],
     )
     trainer.fit(SpikingClassifier(conv_net(), lr=0.1, lr_step_epochs=0), loader)
-    torch.save(recorder.steps, out / f"{mode}_rank{trainer.global_rank}.pt")
+    torch.save(recorder.steps, out / f"{mode}{'_' + per if per else ''}_rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":

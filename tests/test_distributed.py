@@ -35,13 +35,15 @@ def _run(out: Path, mode: str, expect_ok: bool = True) -> subprocess.CompletedPr
 
 
 @pytest.mark.distributed
-def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path):
-    _run(tmp_path, "ddp")
-    _run(tmp_path, "single")
-    rank0 = torch.load(tmp_path / "ddp_rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp_rank1.pt")
-    single = torch.load(tmp_path / "single_rank0.pt")
-    assert len(rank0) == len(rank1) == len(single) == 4  # 2 batches x 2 chunks
+@pytest.mark.parametrize(("step_every", "steps"), [("chunk", 4), ("batch", 2)])  # 2 batches x 2 chunks, or 2
+def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path, step_every, steps):
+    tail = "" if step_every == "chunk" else "_batch"
+    _run(tmp_path, "ddp" + tail)
+    _run(tmp_path, "single" + tail)
+    rank0 = torch.load(tmp_path / f"ddp{tail}_rank0.pt")
+    rank1 = torch.load(tmp_path / f"ddp{tail}_rank1.pt")
+    single = torch.load(tmp_path / f"single{tail}_rank0.pt")
+    assert len(rank0) == len(rank1) == len(single) == steps
     for step, (a, b, ref) in enumerate(zip(rank0, rank1, single, strict=True)):
         assert a.keys() == b.keys() == ref.keys()
         assert any("local_classifiers" in name for name in a)
