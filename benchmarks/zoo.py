@@ -16,6 +16,7 @@ on the time-mean output, Adam, ``self.log`` of its loss). Only the Trainer's ``s
 * ``c1``, ``c2``: ``TruncatedLocalBPTT(k=T // 4, n=1)`` and ``n=2``, the strategy's defaults otherwise;
 * ``e1``: ``TruncatedLocalBPTT(k=T // 4, n=1, step_every="batch")``, one optimizer step per batch (opt-in, not
   Algorithm 1);
+* ``p1``: ``TruncatedLocalBPTT(k=T // 4, n=1, pack_spikes=True)``, spikes saved for backward at one bit;
 * ``d``: plain Lightning on the network after SpikingJelly's ``memopt.optimize_memory`` (level 1, the level that
   runs on a CPU): residual blocks, or a ``Sequential``'s runs ending at a neuron, checkpointed.
 
@@ -123,6 +124,7 @@ METHODS: dict[str, str] = {
     "c1": "(c) ours, k=T/4, n=1",
     "c2": "(c) ours, k=T/4, n=2",
     "e1": "(e) ours, k=T/4, n=1, step_every='batch'",
+    "p1": "(p) ours, k=T/4, n=1, pack_spikes=True",
     "d": "(d) memopt level 1, plain Lightning",
 }
 
@@ -229,6 +231,8 @@ def strategy_for(method: str, net: Network) -> Any:
         return TruncatedLocalBPTT(k=net.k, n=int(method[1]))
     if method == "e1":
         return TruncatedLocalBPTT(k=net.k, n=1, step_every="batch")
+    if method == "p1":
+        return TruncatedLocalBPTT(k=net.k, n=1, pack_spikes=True)
     raise ValueError(f"unknown method {method!r}; choose among {', '.join(METHODS)}")
 
 
@@ -370,8 +374,8 @@ def _common(net: Network, method: str, setup: str) -> dict[str, Any]:
         "method": method,
         "label": METHODS[method],
         "T": net.T,
-        "k": net.T if method == "b" else net.k if method in ("c1", "c2", "e1") else None,
-        "n": int(method[1]) if method in ("c1", "c2", "e1") else None,
+        "k": net.T if method == "b" else net.k if method in ("c1", "c2", "e1", "p1") else None,
+        "n": int(method[1]) if method in ("c1", "c2", "e1", "p1") else None,
         "input": "x".join(map(str, net.shape)) + (" image" if net.static else " events"),
         "description": DESCRIPTIONS[net.family],
         "setup": setup,
@@ -480,7 +484,7 @@ def summarize(nets: Sequence[Network], tag: str) -> list[dict[str, Any]]:
             "plain_s_per_batch": statistics.median(plain_wall) if plain_wall else None,
             "plain_mib_per_sample": live_a,
         }
-        for method in ("b", "c1", "c2", "e1", "d"):
+        for method in ("b", "c1", "c2", "e1", "p1", "d"):
             row[f"{method}_speed"] = _ratio(speed, net.name, method, "wall_s")
             row[f"{method}_speed_cpu"] = _ratio(speed, net.name, method, "cpu_s")
             live = _slope(memory, net.name, method, "live_peak_mib")
@@ -509,6 +513,8 @@ SUMMARY_COLUMNS = (
     ("e1_speed", "n=1 per batch speed", ".2f"),
     ("e1_speed_cpu", "(cpu)", ".2f"),
     ("e1_mem", "n=1 per batch mem", ".3f"),
+    ("p1_speed", "n=1 packed speed", ".2f"),
+    ("p1_mem", "n=1 packed mem", ".3f"),
     ("d_speed", "memopt speed", ".2f"),
     ("d_mem", "memopt mem", ".2f"),
 )
