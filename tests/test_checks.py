@@ -1,8 +1,11 @@
-"""The local target follows the user's task: any integer label dtype, one-hot or soft targets, binary one-output
-heads, and modules without labels (a label-free local loss, or an error that names both ways out)."""
+"""The checks made while training: the local target follows the user's task (any integer label dtype, one-hot or
+soft targets, binary one-output heads, modules without labels), silent outputs are reported with the fix that
+applies, and an optimizer that takes most of a batch is named with its levers."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import lightning as L
@@ -12,7 +15,7 @@ from spikingjelly.activation_based import functional, layer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tlbptt import TruncatedLocalBPTT
+from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT
 from lightning_tlbptt.checks import SilenceCheck, local_target
 
 from snn_fixtures import conv_net, event_batches, lif
@@ -215,3 +218,39 @@ def test_a_readout_pushed_out_of_the_window_gets_the_advice_for_its_kind(kind: s
         _silence_after_firing(SilenceCheck(2, 2, classifier=kind), "the local classifier of block 0", 2)
     assert advice in str(record[0].message)
     assert "your output layer" not in str(record[0].message)  # not a layer the user owns
+
+
+class _SlowSGD(torch.optim.SGD):
+    """An optimizer whose own work (outside the closure) takes 50 ms a step: most of these tiny batches."""
+
+    def step(self, closure: Any = None) -> Any:
+        loss = super().step(closure)
+        time.sleep(0.05)
+        return loss
+
+
+@pytest.mark.parametrize("step_every", ["chunk", "batch"])
+def test_an_optimizer_that_takes_most_of_a_batch_is_named_with_its_levers(
+    make_trainer: Any, caplog: pytest.LogCaptureFixture, step_every: str
+) -> None:
+    class Slow(SpikingClassifier):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _SlowSGD(self.parameters(), lr=0.1)
+
+    with caplog.at_level(logging.INFO):
+        make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1, step_every=step_every), limit_train_batches=3).fit(
+            Slow(conv_net(), lr_step_epochs=0), event_batches(n=24, T=4)
+        )
+    said = [r.getMessage() for r in caplog.records if "the optimizer's" in r.getMessage()]
+    assert len(said) == 1, said  # once, at the second batch
+    steps = 2 if step_every == "chunk" else 1
+    assert f"the optimizer's {steps} step(s) took" in said[0] and "of batch 1" in said[0]
+    assert "_SlowSGD(..., fused=True)" in said[0]
+    assert ("step_every='batch'" in said[0]) == (step_every == "chunk")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # a fast optimizer is not mentioned
+        make_trainer(strategy=TruncatedLocalBPTT(k=2, n=1), limit_train_batches=3).fit(
+            SpikingClassifier(conv_net(), lr_step_epochs=0), event_batches(n=24, T=4)
+        )
+    assert not [r for r in caplog.records if "the optimizer's" in r.getMessage()]

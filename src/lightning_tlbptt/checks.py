@@ -10,18 +10,24 @@
   same host synchronisation as the gradient norm, and warns once per neuron set: after ``silent_steps`` optimizer
   steps in a row without a spike, or at the end of the first epoch whose second half (at least 20 steps) it spent
   silent, whichever comes first, so a collapse is reported within the epoch it happened in, not 200 steps later.
+- **The optimizer's share.** Algorithm 1 steps the optimizer after every chunk, ``T / k`` times per batch; on a
+  network with many parameters those steps can cost more than the rest of the batch (spiking_vgg11_bn under Adam,
+  docs/benchmarks.md). :class:`StepCost` times the optimizer's own work (its step less the closure it calls) over the
+  second batch of a fit (the first runs the probe) and, when it is more than a quarter of the batch, says so once,
+  with its figure and the two levers: the optimizer's ``fused=True`` and ``step_every="batch"``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-__all__ = ["SilenceCheck", "check_gradients", "describe", "finite_or_raise", "local_target"]
+__all__ = ["SilenceCheck", "StepCost", "check_gradients", "describe", "finite_or_raise", "local_target"]
 
 NETWORK_OUTPUT = "the network's output layer"
 
@@ -247,3 +253,72 @@ def _first_non_finite(module: nn.Module, classifiers: nn.ModuleList | None, part
             if p.grad is not None and not p.grad.isfinite().all():
                 return f"local_classifiers.{i}.{name}", f"local classifier of block {i}"
     return "?", "?"
+
+
+class StepCost:
+    """The optimizer's own time over the second training batch of a fit, against the whole batch (module docstring).
+
+    Args:
+        share: the fraction of the batch above which it is reported.
+    """
+
+    def __init__(self, share: float = 0.25) -> None:
+        self.share = share
+        self.batches = 0
+        self.steps = 0
+        self.update_s = 0.0
+        self._start: float | None = None
+
+    @property
+    def timing(self) -> bool:
+        """Whether this batch is the one timed."""
+        return self.batches == 1
+
+    def start_batch(self) -> None:
+        if self.timing:
+            self._start = time.perf_counter()
+
+    def step(self, run: Callable[[Callable[[], Any]], Any], closure: Callable[[], Any]) -> Any:
+        """``run(closure)`` (the optimizer step), its time less the closure's added to the batch's update time."""
+        inside = 0.0
+
+        def timed() -> Any:
+            nonlocal inside
+            start = time.perf_counter()
+            try:
+                return closure()
+            finally:
+                inside += time.perf_counter() - start
+
+        start = time.perf_counter()
+        try:
+            return run(timed)
+        finally:
+            self.update_s += time.perf_counter() - start - inside
+            self.steps += 1
+
+    def end_batch(self, optimizer: torch.optim.Optimizer, k: int | str, step_every: str) -> None:
+        """After a batch: at the timed one, report the optimizer's share if it is above ``share``."""
+        self.batches += 1
+        if self._start is None:
+            return
+        batch_s, self._start = time.perf_counter() - self._start, None
+        if self.steps == 0 or batch_s <= 0 or self.update_s / batch_s <= self.share:
+            return
+        levers = []
+        if not optimizer.defaults.get("fused"):
+            levers.append(
+                f"{type(optimizer).__name__}(..., fused=True), torch's fused kernels (3.6-7.7x faster per Adam step "
+                "on a CPU, docs/benchmarks.md), where your optimizer and device have them"
+            )
+        if step_every == "chunk":
+            levers.append(
+                "TruncatedLocalBPTT(step_every='batch'), one step per batch on the chunks' mean gradient (the same "
+                "memory; not the paper's Algorithm 1)"
+            )
+        rank_zero_info(
+            f"TruncatedLocalBPTT: the optimizer's {self.steps} step(s) took {self.update_s:.2f} s of the "
+            f"{batch_s:.2f} s of batch 1 ({self.update_s / batch_s:.0%})"
+            + (f", one after each chunk of k={k} steps (Algorithm 1)" if step_every == "chunk" else "")
+            + (". Faster: " + "; or ".join(levers) + "." if levers else ".")
+        )

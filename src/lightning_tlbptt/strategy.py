@@ -41,7 +41,7 @@ from typing_extensions import override
 
 from lightning_tlbptt import _lightning, _twin, budget, checkpointing, measuring, neurons
 from lightning_tlbptt.batch import batch_size
-from lightning_tlbptt.checks import SilenceCheck, check_gradients
+from lightning_tlbptt.checks import SilenceCheck, StepCost, check_gradients
 from lightning_tlbptt.chunks import ChunkLoop, Split, StepEvery, split_along_time
 from lightning_tlbptt.classifiers import ClassifierKind
 from lightning_tlbptt.losses import LocalLoss, resolve_loss
@@ -191,6 +191,7 @@ class _Algorithm:
         self._loop: ChunkLoop | None = None
         self._budget_pending = False  # k='auto' chosen, its first batch not yet checked against the budget
         self._silence = SilenceCheck(silent_steps, k)
+        self._step_cost = StepCost()
         self._user_groups = 1
         self._pending: dict[str, Any] | None = None  # a checkpoint's local classifiers, until they exist
 
@@ -251,6 +252,7 @@ class _Algorithm:
                 "(single-step networks) pass an int k."
             )
         self._loop, self._classifiers, self.partition, self._budget_pending = None, None, None, False
+        self._step_cost = StepCost()
         self._silence = SilenceCheck(self.silent_steps, self.k if self.step_every == "chunk" else None, self.classifier)
         try:
             super().setup(trainer)  # type: ignore[misc]
@@ -286,6 +288,7 @@ class _Algorithm:
                 f"batch {batch_idx} is empty (its first tensor has 0 samples): nothing to train on. Check the dataset "
                 "and the sampler, or drop empty batches (DataLoader(drop_last=True))."
             )
+        self._step_cost.start_batch()
         if self._loop is None or self._budget_pending:
             loop = self.prepare(kwargs["batch"])
             self._budget_pending = False
@@ -293,6 +296,7 @@ class _Algorithm:
                 outputs = self._run_chunks(loop, run, optimizer, batch_idx, kwargs)
         else:
             outputs = self._run_chunks(self._loop, run, optimizer, batch_idx, kwargs)
+        self._step_cost.end_batch(self.optimizers[0], self.k, self.step_every)  # type: ignore[attr-defined]
         if batch_idx + 1 == trainer.num_training_batches:
             self._silence.end_epoch(trainer.global_step)
         return outputs
@@ -417,6 +421,13 @@ class _Algorithm:
             module.log(f"train/block{i}/loss", value, batch_size=batch_size(batch), sync_dist=self.world_size > 1)  # type: ignore[attr-defined]
         loop.state.losses = torch.zeros_like(loop.state.losses)
         return output
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        step = super().optimizer_step  # type: ignore[misc]
+        if not self._step_cost.timing:
+            return step(optimizer, closure, model, **kwargs)
+        return self._step_cost.step(lambda timed: step(optimizer, timed, model, **kwargs), closure)
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> Tensor:
