@@ -11,7 +11,7 @@ from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
 from lightning_tlbptt import LocalClassifier
-from lightning_tlbptt.classifiers import balance_bias, threshold_input
+from lightning_tlbptt.classifiers import _shift_bias, balance_bias, threshold_input
 from lightning_tlbptt.paper import PaperNeuron
 
 from snn_fixtures import lif
@@ -211,6 +211,9 @@ def _balance_on_rank(rank: int, init_file: str, out: str) -> None:
         current = torch.full((4, 2), float(rank))  # rank 0 sees 0, rank 1 sees 1: mean 0.5 over both
         balance_bias(linear, lif(), current)
         torch.save(linear.bias.detach(), f"{out}{rank}.pt")
+        # only outputs silent on every rank move: output 0 spiked on rank 1 alone, output 1 nowhere
+        fired = torch.tensor([float(rank), 0.0])
+        torch.save(_shift_bias(linear, lif(), current.sum(0), 4, fired), f"{out}{rank}_silent.pt")
     finally:
         dist.destroy_process_group()
 
@@ -222,3 +225,29 @@ def test_balance_bias_averages_the_mean_input_over_ranks(tmp_path) -> None:
     expected = nn.Linear(3, 2).bias.detach() + threshold_input(lif()) - 0.5
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"bias{rank}.pt"), expected)
+        shift = torch.load(tmp_path / f"bias{rank}_silent.pt")
+        assert shift[0] == 0 and shift[1] == pytest.approx(threshold_input(lif()) - 0.5)
+
+
+@pytest.mark.parametrize("kind", ["trainable", "random"])
+def test_a_readout_output_silent_for_a_whole_batch_is_recentred_and_the_others_stay(kind: str) -> None:
+    x = features()
+    readout = LocalClassifier(10, high_threshold_lif(), kind=kind)
+    train_batch(readout, x)
+    train_batch(readout, x)  # balanced
+    assert bool(readout.balanced)
+    with torch.no_grad():  # the blocks moved: output 3 is pushed far out of its window, the rest fire
+        readout.linear.bias[3] -= 100.0
+    trained = readout.linear.bias.detach().clone()
+    assert train_batch(readout, x)[..., 3].sum() == 0
+    out = train_batch(readout, x)  # the next batch starts with output 3 back at its threshold
+    assert out[..., 3].sum() > 0
+    torch.testing.assert_close(readout.linear.bias[:3], trained[:3])
+    torch.testing.assert_close(readout.linear.bias[4:], trained[4:])
+
+    stays = LocalClassifier(10, high_threshold_lif(), kind=kind, balance=False)
+    with torch.no_grad():
+        stays(x)  # sized
+        stays.linear.bias[3] -= 100.0
+    for _ in range(3):
+        assert train_batch(stays, x)[..., 3].sum() == 0  # balance=False: nothing keeps it inside

@@ -133,15 +133,23 @@ def _bias_width(linear: nn.Linear) -> int:
 
 
 @torch.no_grad()
-def _shift_bias(linear: nn.Linear, node: nn.Module, sums: Tensor, rows: int) -> Tensor:
-    """:func:`balance_bias` from the sums of ``linear``'s outputs over ``rows`` rows (the one place of the rule)."""
+def _shift_bias(
+    linear: nn.Linear, node: nn.Module, sums: Tensor, rows: int, fired: Tensor | None = None
+) -> Tensor:
+    """:func:`balance_bias` from the sums of ``linear``'s outputs over ``rows`` rows (the one place of the rule).
+
+    With ``fired`` (per output, how many rows it spiked on), only the outputs that spiked on none move."""
     _bias_width(linear)
-    totals = torch.cat(
-        [sums.double().reshape(-1), torch.tensor([float(rows)], dtype=torch.float64, device=sums.device)]
-    )
+    parts = [sums.double().reshape(-1), torch.tensor([float(rows)], dtype=torch.float64, device=sums.device)]
+    if fired is not None:
+        parts.append(fired.double().reshape(-1).to(sums.device))
+    totals = torch.cat(parts)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)  # sums and counts: ranks with different batch sizes weigh by their samples
-    shift = threshold_input(node) - totals[:-1] / totals[-1].clamp_min(1)
+    width = sums.numel()
+    shift = threshold_input(node) - totals[:width] / totals[width].clamp_min(1)
+    if fired is not None:
+        shift = torch.where(totals[width + 1 :] == 0, shift, torch.zeros_like(shift))
     linear.bias.add_(shift.to(linear.bias))
     return shift.to(linear.bias)
 
@@ -173,6 +181,12 @@ class LocalClassifier(nn.Module):
     not balanced again. A state_dict saved before this buffer existed loads as balanced: that readout has trained
     already.
 
+    Then the readout is kept inside the window: an output that spiked on no sample and step of a whole training
+    sequence (a batch, counted over ranks) has its bias moved back by the same rule, on that sequence's mean, at the
+    next sequence's start; outputs that fired are left alone. The block it reads keeps learning, and an output it
+    pushed below the window passes no gradient and cannot come back by itself; a frozen random readout cannot move at
+    all (one MNIST-5k seed lost five of ten classes of block 0 that way, docs/results.md).
+
     Args:
         num_classes: output width.
         template: a neuron of the network; the classifier's neuron is a fresh copy of it, so the
@@ -180,8 +194,9 @@ class LocalClassifier(nn.Module):
         kind: ``"trainable"`` or ``"random"`` (fixed random weights, Mostafa et al. 2018).
         pool: bound per spatial axis before flattening.
         seed: seed of the initial weights.
-        balance: start the readout at its threshold on its first training chunk, re-centred after its first batch
-            (above). A neuron whose dynamics :func:`threshold_input` does not know turns it off, with a warning.
+        balance: start the readout at its threshold on its first training chunk, re-centred after its first batch,
+            and move an output that fell silent for a whole batch back (above). A neuron whose dynamics
+            :func:`threshold_input` does not know turns it off, with a warning.
     """
 
     def __init__(
@@ -217,7 +232,8 @@ class LocalClassifier(nn.Module):
                 balance = False
         self.balance = balance
         self.register_buffer("balanced", torch.tensor(False))
-        self._first_batch: tuple[Tensor, int] | None = None  # sums and rows of the linear layer's outputs on it
+        # the last sequence's sums and rows of the linear layer's outputs, and per output the rows it spiked on
+        self._seen: tuple[Tensor, int, Tensor] | None = None
 
     def forward(self, x_seq: Tensor) -> Tensor:
         k, b = x_seq.shape[:2]
@@ -239,21 +255,32 @@ class LocalClassifier(nn.Module):
             with torch.no_grad(), torch.random.fork_rng(devices=[x.device.index] if x.is_cuda else []):
                 self.linear(x)
             self._init_from_seed()
-        measuring = self.balance and self.training and torch.is_grad_enabled() and not self._is_balanced()
+        measuring = self.balance and self.training and torch.is_grad_enabled()
         # a reset neuron holds its initial value, a float, until it runs: a new sequence (the strategy resets the
-        # readouts at every batch) after the first one has been measured
-        if measuring and self._first_batch is not None and not isinstance(self.neuron.v, Tensor):
-            _shift_bias(self.linear, self.neuron, *self._first_batch)
-            self.balanced.fill_(True)
-            self._first_batch, measuring = None, False
+        # readouts at every batch) after the last one has been measured
+        if measuring and self._seen is not None and not isinstance(self.neuron.v, Tensor):
+            sums, rows, fired = self._seen
+            if self._is_balanced():  # outputs that spiked on no row of the last sequence, back to the threshold
+                _shift_bias(self.linear, self.neuron, sums, rows, fired)
+            else:
+                _shift_bias(self.linear, self.neuron, sums, rows)
+                self.balanced.fill_(True)
+            self._seen = None
         current = self.linear(x)
+        if measuring and self._seen is None and not self._is_balanced():
+            # its first training forward: fire from the first chunk on, from the first time step alone (the rows of
+            # step 0 lead): the same however the chunk is sliced
+            current = current + _shift_bias(self.linear, self.neuron, current[:b].detach().sum(0), b)
+        out = self.neuron(current.unflatten(0, (k, b)))
         if measuring:
-            if self._first_batch is None:  # its first training forward: fire from the first chunk on
-                # from the first time step alone (the rows of step 0 lead): the same however the chunk is sliced
-                current = current + _shift_bias(self.linear, self.neuron, current[:b].detach().sum(0), b)
-            sums, rows = self._first_batch or (torch.zeros(current.shape[-1], dtype=torch.float64), 0)
-            self._first_batch = (sums.to(current.device) + current.detach().sum(0), rows + current.shape[0])
-        return self.neuron(current.unflatten(0, (k, b)))
+            width = current.shape[-1]
+            sums, rows, fired = self._seen or (torch.zeros(width, dtype=torch.float64), 0, torch.zeros(width))
+            self._seen = (
+                sums.to(current.device) + current.detach().sum(0),
+                rows + current.shape[0],
+                fired.to(out.device) + out.detach().reshape(-1, width).ne(0).sum(0),
+            )
+        return out
 
     def _is_balanced(self) -> bool:
         """``balanced``, read from the device only when the buffer changed since the last read.
@@ -281,7 +308,7 @@ class LocalClassifier(nn.Module):
     ) -> None:
         # a readout saved before `balanced` existed has trained already: balancing it now would move a learnt bias
         state_dict.setdefault(prefix + "balanced", torch.tensor(True))
-        self._first_batch = None
+        self._seen = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -95,9 +95,10 @@ class _Algorithm:
         coarsen_slices: let narrower layers take longer slices than the finest, within the peak the widest sets.
         balance_readouts: start each local classifier inside its neuron's surrogate window: on its first training
             chunk its bias is set so that its mean input holds the membrane at threshold, and re-centred on the whole
-            first batch's mean when the second starts (averaged over ranks, recorded in the checkpoint;
-            :class:`~lightning_tlbptt.classifiers.LocalClassifier`). ``False``: the default init, where a deep
-            block's readout can start silent.
+            first batch's mean when the second starts (averaged over ranks, recorded in the checkpoint); an output
+            that then spikes on no sample of a whole batch is moved back the same way
+            (:class:`~lightning_tlbptt.classifiers.LocalClassifier`). ``False``: the default init, where a deep
+            block's readout can start silent, and nothing brings back an output its block pushed out.
         retain_block_graphs: keep each block's graph after its local backward until the network call returns, so
             that a loss of yours on a tensor made inside a block (hidden spikes returned beside the output) also
             back-propagates into that block. Off by default: it keeps every block's activations of the chunk.
