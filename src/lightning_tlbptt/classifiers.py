@@ -133,9 +133,7 @@ def _bias_width(linear: nn.Linear) -> int:
 
 
 @torch.no_grad()
-def _shift_bias(
-    linear: nn.Linear, node: nn.Module, sums: Tensor, rows: int, fired: Tensor | None = None
-) -> Tensor:
+def _shift_bias(linear: nn.Linear, node: nn.Module, sums: Tensor, rows: int, fired: Tensor | None = None) -> Tensor:
     """:func:`balance_bias` from the sums of ``linear``'s outputs over ``rows`` rows (the one place of the rule).
 
     With ``fired`` (per output, how many rows it spiked on), only the outputs that spiked on none move."""
