@@ -240,7 +240,11 @@ def test_a_readout_output_silent_for_a_whole_batch_is_recentred_and_the_others_s
         readout.linear.bias[3] -= 100.0
     trained = readout.linear.bias.detach().clone()
     assert train_batch(readout, x)[..., 3].sum() == 0
+    resumed = LocalClassifier(10, high_threshold_lif(), kind=kind)
+    resumed.load_state_dict(readout.state_dict())  # a checkpoint between the two batches carries the measure
     out = train_batch(readout, x)  # the next batch starts with output 3 back at its threshold
+    train_batch(resumed, x)
+    torch.testing.assert_close(resumed.linear.bias, readout.linear.bias)
     assert out[..., 3].sum() > 0
     torch.testing.assert_close(readout.linear.bias[:3], trained[:3])
     torch.testing.assert_close(readout.linear.bias[4:], trained[4:])

@@ -181,7 +181,8 @@ class LocalClassifier(nn.Module):
 
     Then the readout is kept inside the window: an output that spiked on no sample and step of a whole training
     sequence (a batch, counted over ranks) has its bias moved back by the same rule, on that sequence's mean, at the
-    next sequence's start; outputs that fired are left alone. The block it reads keeps learning, and an output it
+    next sequence's start; outputs that fired are left alone. That measure is the module's extra state, so a checkpoint
+    written between the two sequences resumes into the same move. The block it reads keeps learning, and an output it
     pushed below the window passes no gradient and cannot come back by itself; a frozen random readout cannot move at
     all (one MNIST-5k seed lost five of ten classes of block 0 that way, docs/results.md).
 
@@ -258,6 +259,7 @@ class LocalClassifier(nn.Module):
         # readouts at every batch) after the last one has been measured
         if measuring and self._seen is not None and not isinstance(self.neuron.v, Tensor):
             sums, rows, fired = self._seen
+            sums = sums.to(x.device)  # a checkpoint may have brought it in on another device
             if self._is_balanced():  # outputs that spiked on no row of the last sequence, back to the threshold
                 _shift_bias(self.linear, self.neuron, sums, rows, fired)
             else:
@@ -306,10 +308,22 @@ class LocalClassifier(nn.Module):
     ) -> None:
         # a readout saved before `balanced` existed has trained already: balancing it now would move a learnt bias
         state_dict.setdefault(prefix + "balanced", torch.tensor(True))
-        self._seen = None
+        state_dict.setdefault(prefix + "_extra_state", None)  # saved before the rescue: nothing measured
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+    def get_extra_state(self) -> dict[str, Any] | None:
+        """The last training sequence's measure, which the next one's start acts on: a fit resumed between the two
+        moves the same outputs as the uninterrupted one. Under DDP each rank holds its own share and the checkpoint
+        rank 0's, so the first move after a resume is judged on rank 0's samples alone."""
+        if self._seen is None:
+            return None
+        sums, rows, fired = self._seen
+        return {"sums": sums, "rows": rows, "fired": fired}
+
+    def set_extra_state(self, state: dict[str, Any] | None) -> None:
+        self._seen = None if state is None else (state["sums"], int(state["rows"]), state["fired"])
 
     @torch.no_grad()
     def _init_from_seed(self) -> None:
