@@ -23,6 +23,13 @@ constant input settles the membrane at ``v_rest + g x / l``; the input whose ste
 
 :class:`LocalClassifier` balances itself after its first training batch (``balance=True``); the paper's classifier
 (:class:`~lightning_tlbptt.paper.classifier.PaperClassifier`) balances its network's output layer the same way.
+
+Balancing once is not enough while the layers below keep learning: they can move an output's input below the window
+for every sample, and an output that spikes on no sample passes no gradient and cannot come back by itself (a frozen
+random readout cannot move at all). So both keep their outputs inside the window: :class:`SequenceMeasure` holds what
+one training sequence (a batch, however it was cut) gave a readout, and an output that spiked on none of its rows has
+its bias moved back by the same rule, on that sequence's mean, before the next one; the outputs that fired are left
+alone.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,6 +51,7 @@ from torch.nn.parameter import UninitializedParameter
 __all__ = [
     "ClassifierKind",
     "LocalClassifier",
+    "SequenceMeasure",
     "balance_bias",
     "pooled_size",
     "readout_width",
@@ -152,6 +160,56 @@ def _shift_bias(linear: nn.Linear, node: nn.Module, sums: Tensor, rows: int, fir
     return shift.to(linear.bias)
 
 
+class SequenceMeasure:
+    """What one training sequence gave a readout ``linear -> node``, per output: the sum of its input current, the
+    rows (samples x time steps), and the rows on which it spiked.
+
+    Filled chunk by chunk (:meth:`add_current`, :meth:`add_spikes`), then :meth:`shift` moves the bias by
+    :func:`balance_bias`'s rule and empties it. :meth:`state` / :meth:`load` carry it through a checkpoint written
+    between two sequences (the owner's extra state). Under DDP each rank holds its own share, summed over the ranks
+    when it is applied; a checkpoint holds rank 0's, so the first move after a resume is judged on rank 0's samples.
+    """
+
+    def __init__(self) -> None:
+        self.sums: Tensor | None = None  # [width], float64
+        self.rows = 0
+        self.fired: Tensor | None = None  # [width]
+
+    def __bool__(self) -> bool:
+        return self.rows > 0
+
+    def add_current(self, current: Tensor) -> None:
+        """``current``: the linear layer's output, ``[..., width]``."""
+        flat = current.detach().reshape(-1, current.shape[-1])
+        total = flat.sum(0, dtype=torch.float64)
+        self.sums = total if self.sums is None else self.sums.to(total.device) + total
+        self.rows += flat.shape[0]
+
+    def add_spikes(self, spikes: Tensor) -> None:
+        """``spikes``: the neuron's output on that current, ``[..., width]``."""
+        count = spikes.detach().reshape(-1, spikes.shape[-1]).ne(0).sum(0)
+        self.fired = count if self.fired is None else self.fired.to(count.device) + count
+
+    @torch.no_grad()
+    def shift(self, linear: nn.Linear, node: nn.Module, silent_only: bool) -> Tensor:
+        """Move ``linear``'s bias so the mean input is the threshold input: of every output, or (``silent_only``)
+        of those that spiked on no row, counted over ranks. Returns the shift, ``[width]``; empties the measure."""
+        fired = self.fired if silent_only else None
+        if silent_only and fired is None:
+            raise ValueError("SequenceMeasure.shift(silent_only=True) needs the spikes: call add_spikes too")
+        shift = _shift_bias(linear, node, self.sums.to(linear.bias.device), self.rows, fired)
+        self.load(None)
+        return shift
+
+    def state(self) -> dict[str, Any] | None:
+        return None if not self else {"sums": self.sums, "rows": self.rows, "fired": self.fired}
+
+    def load(self, state: Mapping[str, Any] | None) -> None:
+        self.sums, self.rows, self.fired = (None, 0, None) if state is None else (
+            state["sums"], int(state["rows"]), state["fired"]
+        )  # fmt: skip
+
+
 class LocalClassifier(nn.Module):
     """Flatten -> Linear -> spiking neuron, applied to a block's output over a chunk.
 
@@ -179,12 +237,11 @@ class LocalClassifier(nn.Module):
     not balanced again. A state_dict saved before this buffer existed loads as balanced: that readout has trained
     already.
 
-    Then the readout is kept inside the window: an output that spiked on no sample and step of a whole training
-    sequence (a batch, counted over ranks) has its bias moved back by the same rule, on that sequence's mean, at the
-    next sequence's start; outputs that fired are left alone. That measure is the module's extra state, so a checkpoint
-    written between the two sequences resumes into the same move. The block it reads keeps learning, and an output it
-    pushed below the window passes no gradient and cannot come back by itself; a frozen random readout cannot move at
-    all (one MNIST-5k seed lost five of ten classes of block 0 that way, docs/results.md).
+    Then the readout is kept inside the window (module docstring): an output that spiked on no sample and step of a
+    whole training sequence (a batch, counted over ranks) has its bias moved back at the next sequence's start; one
+    MNIST-5k seed had lost five of ten classes of block 0 to a frozen readout its block moved away from
+    (docs/results.md). That :class:`SequenceMeasure` is the module's extra state, so a checkpoint written between the
+    two sequences resumes into the same move.
 
     Args:
         num_classes: output width.
@@ -231,8 +288,7 @@ class LocalClassifier(nn.Module):
                 balance = False
         self.balance = balance
         self.register_buffer("balanced", torch.tensor(False))
-        # the last sequence's sums and rows of the linear layer's outputs, and per output the rows it spiked on
-        self._seen: tuple[Tensor, int, Tensor] | None = None
+        self._measure = SequenceMeasure()  # of the sequence running, or the last one until the next starts
 
     def forward(self, x_seq: Tensor) -> Tensor:
         k, b = x_seq.shape[:2]
@@ -257,29 +313,20 @@ class LocalClassifier(nn.Module):
         measuring = self.balance and self.training and torch.is_grad_enabled()
         # a reset neuron holds its initial value, a float, until it runs: a new sequence (the strategy resets the
         # readouts at every batch) after the last one has been measured
-        if measuring and self._seen is not None and not isinstance(self.neuron.v, Tensor):
-            sums, rows, fired = self._seen
-            sums = sums.to(x.device)  # a checkpoint may have brought it in on another device
-            if self._is_balanced():  # outputs that spiked on no row of the last sequence, back to the threshold
-                _shift_bias(self.linear, self.neuron, sums, rows, fired)
-            else:
-                _shift_bias(self.linear, self.neuron, sums, rows)
+        if measuring and self._measure and not isinstance(self.neuron.v, Tensor):
+            balanced = self._is_balanced()  # then only the outputs that spiked on no row of the last sequence move
+            self._measure.shift(self.linear, self.neuron, silent_only=balanced)
+            if not balanced:
                 self.balanced.fill_(True)
-            self._seen = None
         current = self.linear(x)
-        if measuring and self._seen is None and not self._is_balanced():
+        if measuring and not self._measure and not self._is_balanced():
             # its first training forward: fire from the first chunk on, from the first time step alone (the rows of
             # step 0 lead): the same however the chunk is sliced
             current = current + _shift_bias(self.linear, self.neuron, current[:b].detach().sum(0), b)
         out = self.neuron(current.unflatten(0, (k, b)))
         if measuring:
-            width = current.shape[-1]
-            sums, rows, fired = self._seen or (torch.zeros(width, dtype=torch.float64), 0, torch.zeros(width))
-            self._seen = (
-                sums.to(current.device) + current.detach().sum(0),
-                rows + current.shape[0],
-                fired.to(out.device) + out.detach().reshape(-1, width).ne(0).sum(0),
-            )
+            self._measure.add_current(current)
+            self._measure.add_spikes(out)
         return out
 
     def _is_balanced(self) -> bool:
@@ -314,16 +361,11 @@ class LocalClassifier(nn.Module):
         )
 
     def get_extra_state(self) -> dict[str, Any] | None:
-        """The last training sequence's measure, which the next one's start acts on: a fit resumed between the two
-        moves the same outputs as the uninterrupted one. Under DDP each rank holds its own share and the checkpoint
-        rank 0's, so the first move after a resume is judged on rank 0's samples alone."""
-        if self._seen is None:
-            return None
-        sums, rows, fired = self._seen
-        return {"sums": sums, "rows": rows, "fired": fired}
+        """The last training sequence's :class:`SequenceMeasure`, which the next one's start acts on."""
+        return self._measure.state()
 
     def set_extra_state(self, state: dict[str, Any] | None) -> None:
-        self._seen = None if state is None else (state["sums"], int(state["rows"]), state["fired"])
+        self._measure.load(state)
 
     @torch.no_grad()
     def _init_from_seed(self) -> None:

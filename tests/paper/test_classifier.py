@@ -3,9 +3,13 @@ from one batch when training starts; paper_setting with the learning rate scaled
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch import Callback
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tlbptt import TruncatedLocalBPTT
@@ -107,10 +111,57 @@ def test_a_resumed_or_old_checkpoint_is_not_balanced_again() -> None:
     resumed.load_state_dict(state)
     torch.manual_seed(1)
     fit(resumed)
-    torch.testing.assert_close(resumed.state_dict(), state)
-    old = PaperClassifier(T=4)
+    # an output silent on the batch moves by its rounding only: it was balanced on that very batch
+    torch.testing.assert_close(resumed.state_dict(), state, atol=1e-5, rtol=0)
+    old = PaperClassifier(T=4)  # a checkpoint from before the buffer and the watch loads strictly, as balanced
     old.load_state_dict({key: value for key, value in state.items() if key != "output_balanced"})
     assert bool(old.output_balanced)
+
+
+class PushOutputOut(Callback):
+    """At the second batch's start, pushes output 3 far below its window, as a block learning under it could."""
+
+    def __init__(self) -> None:
+        self.biases: list[torch.Tensor] = []
+        self.fired: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: PaperClassifier, batch: Any, batch_idx: int) -> None:
+        linear, node = output_layer(module.net)
+        if batch_idx == 1:
+            with torch.no_grad():
+                linear.bias[3] -= 100.0
+        self.fired.append(torch.zeros(10))
+        if batch_idx == 0:
+            node.register_forward_hook(self.count)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: PaperClassifier, *args: Any) -> None:
+        self.biases.append(output_layer(module.net)[0].bias.detach().clone())  # lr 0: the bias the batch ran with
+
+    def count(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        self.fired[-1] += out.detach().flatten(0, -2).sum(0)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "tlbptt"])
+@pytest.mark.parametrize("balance_output", [True, False])
+def test_an_output_silent_for_a_whole_batch_is_moved_back_and_the_others_stay(strategy: str, balance_output: bool):
+    model = PaperClassifier(T=20, tau_p=0.9, u_th=0.5, lr=0.0, lr_step_epochs=0, balance_output=balance_output)
+    push = PushOutputOut()
+    L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=3, logger=False, callbacks=[push],
+        strategy=TruncatedLocalBPTT(k=5, n=2) if strategy == "tlbptt" else "auto",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model, digits(24))  # fmt: skip
+    pushed, after = push.biases[1], output_layer(model.net)[0].bias.detach()
+    assert push.fired[1][3] == 0  # silent on every sample and step of the second batch
+    if not balance_output:
+        torch.testing.assert_close(after, pushed)  # nothing keeps it inside: the paper's raw setting
+        assert push.fired[2][3] == 0
+        return
+    assert push.fired[1].gt(0).sum() == 9  # the others fired, so they stay where the second batch left them
+    stays = torch.arange(10) != 3
+    torch.testing.assert_close(push.biases[2][stays], pushed[stays], atol=1e-6, rtol=0)
+    assert push.biases[2][3] > pushed[3] + 50  # moved back at the third batch's start ...
+    assert push.fired[2][3] > 0  # ... where it fires again
 
 
 def test_balance_output_false_keeps_the_default_init() -> None:
@@ -125,3 +176,21 @@ def test_a_logit_output_has_nothing_to_balance() -> None:
     assert output_layer(PaperClassifier(model="vgg11", in_channels=2, input_size=(32, 32), T=2).net) is None
     linear, node = output_layer(PaperClassifier(model="lenet1").net)
     assert linear.out_features == 10 and node is not None
+
+
+def test_a_checkpoint_between_two_batches_carries_the_measure(tmp_path) -> None:
+    def trainer(**kwargs: Any) -> L.Trainer:
+        return L.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, **kwargs,
+        )  # fmt: skip
+
+    model = PaperClassifier(T=20, tau_p=0.9, u_th=0.5, lr=0.0, lr_step_epochs=0)
+    first = trainer(max_epochs=1, limit_train_batches=2, callbacks=[PushOutputOut()])
+    first.fit(model, digits(24))  # output 3 silent on the second batch, the last before the checkpoint
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    pushed = output_layer(model.net)[0].bias.detach().clone()
+
+    resumed = PaperClassifier(T=20, tau_p=0.9, u_th=0.5, lr=0.0, lr_step_epochs=0)
+    trainer(max_epochs=2, limit_train_batches=1).fit(resumed, digits(24), ckpt_path=tmp_path / "last.ckpt")
+    assert output_layer(resumed.net)[0].bias[3] > pushed[3] + 50  # moved back at the resumed fit's first batch
