@@ -11,7 +11,7 @@ from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
 from lightning_tlbptt import LocalClassifier
-from lightning_tlbptt.classifiers import _shift_bias, balance_bias, threshold_input
+from lightning_tlbptt.classifiers import SequenceMeasure, _shift_bias, balance_bias, threshold_input
 from lightning_tlbptt.paper import PaperNeuron
 
 from snn_fixtures import lif
@@ -255,3 +255,17 @@ def test_a_readout_output_silent_for_a_whole_batch_is_recentred_and_the_others_s
         stays.linear.bias[3] -= 100.0
     for _ in range(3):
         assert train_batch(stays, x)[..., 3].sum() == 0  # balance=False: nothing keeps it inside
+
+
+def test_a_sequence_measure_without_spikes_cannot_tell_the_silent_outputs() -> None:
+    measure = SequenceMeasure()
+    assert not measure
+    measure.add_current(torch.randn(4, 3, 10))
+    assert measure and measure.rows == 12
+    linear = nn.Linear(5, 10)
+    with pytest.raises(ValueError, match="needs the spikes: call add_spikes"):
+        measure.shift(linear, lif(), silent_only=True)
+    before = linear.bias.detach().clone()
+    shift = measure.shift(linear, lif(), silent_only=False)  # every output, as the first balance does
+    torch.testing.assert_close(linear.bias.detach(), before + shift)
+    assert not measure and measure.state() is None
