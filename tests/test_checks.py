@@ -247,6 +247,7 @@ def test_an_optimizer_that_takes_most_of_a_batch_is_named_with_its_levers(
     assert f"the optimizer's {steps} step(s) took" in said[0] and "of batch 1" in said[0]
     assert "_SlowSGD(..., fused=True)" in said[0]
     assert ("step_every='batch'" in said[0]) == (step_every == "chunk")
+    assert ("T / k times fewer steps: give it the learning rate" in said[0]) == (step_every == "chunk")
 
     caplog.clear()
     with caplog.at_level(logging.INFO):  # a fast optimizer is not mentioned

@@ -314,7 +314,8 @@ class StepCost:
         if step_every == "chunk":
             levers.append(
                 "TruncatedLocalBPTT(step_every='batch'), one step per batch on the chunks' mean gradient (the same "
-                "memory; not the paper's Algorithm 1)"
+                "memory; not the paper's Algorithm 1, and T / k times fewer steps: give it the learning rate or "
+                "epochs BPTT would get, docs/results.md)"
             )
         rank_zero_info(
             f"TruncatedLocalBPTT: the optimizer's {self.steps} step(s) took {self.update_s:.2f} s of the "
