@@ -36,7 +36,7 @@ def flag(text: str) -> bool:
 # The demo's defaults: the accuracy study's recipe (docs/results.md: output bias balanced, lr scaled to the batch, local
 # readouts balanced by the strategy) cut to a budget of seconds (T = 8, no lr decay). 3 epochs: after 2, BPTT, which
 # takes one step per batch where TLBPTT(k) takes T / k, was 5-9 points behind the truncated runs (seed 0: 83.0%
-# against 88.4% and 92.4%); after 3 every row is within 5 points of it (89.9%, 93.1%, 93.8% at commit 32e36fb).
+# against 88.4% and 92.4%); after 3 every row is within 5 points of it (89.9%, 93.9%, 93.9% at commit 877c58b).
 DEMO: dict[str, Any] = {"T": 8, "settings": [(4, 2), (2, 1)], "epochs": 3, "batch_size": 64, "tau_p": 0.8}
 
 
