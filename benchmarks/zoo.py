@@ -18,7 +18,8 @@ on the time-mean output, Adam, ``self.log`` of its loss). Only the Trainer's ``s
   Algorithm 1);
 * ``p1``: ``TruncatedLocalBPTT(k=T // 4, n=1, pack_spikes=True)``, spikes saved for backward at one bit;
 * ``d``: plain Lightning on the network after SpikingJelly's ``memopt.optimize_memory`` (level 1, the level that
-  runs on a CPU): residual blocks, or a ``Sequential``'s runs ending at a neuron, checkpointed.
+  runs on a CPU): residual blocks, or a ``Sequential``'s runs ending at a neuron, checkpointed;
+* ``m1``: the network of ``d`` under ``c1``'s strategy (recomputing what truncation still stores).
 
 Speed: every run is a fresh training in a fresh (forked) child process: one warm-up batch (the strategy's probe,
 oneDNN's caches), then ``--timed-batches`` timed batches (``on_train_batch_start`` to ``on_train_batch_end``).
@@ -126,6 +127,7 @@ METHODS: dict[str, str] = {
     "e1": "(e) ours, k=T/4, n=1, step_every='batch'",
     "p1": "(p) ours, k=T/4, n=1, pack_spikes=True",
     "d": "(d) memopt level 1, plain Lightning",
+    "m1": "(m) memopt level 1, then ours, k=T/4, n=1",
 }
 
 
@@ -233,12 +235,14 @@ def strategy_for(method: str, net: Network) -> Any:
         return TruncatedLocalBPTT(k=net.k, n=1, step_every="batch")
     if method == "p1":
         return TruncatedLocalBPTT(k=net.k, n=1, pack_spikes=True)
+    if method == "m1":
+        return TruncatedLocalBPTT(k=net.k, n=1)
     raise ValueError(f"unknown method {method!r}; choose among {', '.join(METHODS)}")
 
 
 def module_for(method: str, net: Network) -> UserModule:
     model = build(net)
-    if method == "d":
+    if method in ("d", "m1"):
         model = with_memopt(model, net)
     return UserModule(model, net.T, net.static)
 
@@ -374,8 +378,8 @@ def _common(net: Network, method: str, setup: str) -> dict[str, Any]:
         "method": method,
         "label": METHODS[method],
         "T": net.T,
-        "k": net.T if method == "b" else net.k if method in ("c1", "c2", "e1", "p1") else None,
-        "n": int(method[1]) if method in ("c1", "c2", "e1", "p1") else None,
+        "k": net.T if method == "b" else net.k if method in ("c1", "c2", "e1", "p1", "m1") else None,
+        "n": int(method[1]) if method in ("c1", "c2", "e1", "p1", "m1") else None,
         "input": "x".join(map(str, net.shape)) + (" image" if net.static else " events"),
         "description": DESCRIPTIONS[net.family],
         "setup": setup,
@@ -484,7 +488,7 @@ def summarize(nets: Sequence[Network], tag: str) -> list[dict[str, Any]]:
             "plain_s_per_batch": statistics.median(plain_wall) if plain_wall else None,
             "plain_mib_per_sample": live_a,
         }
-        for method in ("b", "c1", "c2", "e1", "p1", "d"):
+        for method in ("b", "c1", "c2", "e1", "p1", "m1", "d"):
             row[f"{method}_speed"] = _ratio(speed, net.name, method, "wall_s")
             row[f"{method}_speed_cpu"] = _ratio(speed, net.name, method, "cpu_s")
             live = _slope(memory, net.name, method, "live_peak_mib")
@@ -515,6 +519,7 @@ SUMMARY_COLUMNS = (
     ("e1_mem", "n=1 per batch mem", ".3f"),
     ("p1_speed", "n=1 packed speed", ".2f"),
     ("p1_mem", "n=1 packed mem", ".3f"),
+    ("m1_mem", "memopt + n=1 mem", ".3f"),
     ("d_speed", "memopt speed", ".2f"),
     ("d_mem", "memopt mem", ".2f"),
 )
