@@ -23,6 +23,7 @@ from lightning_tlbptt.layout import to_time_major
 from lightning_tlbptt.losses import rate_cross_entropy, rate_mse
 from lightning_tlbptt.memory import SavedTensorsMeter
 from lightning_tlbptt.module import SpikingClassifier
+from lightning_tlbptt.output_window import OutputWindow
 from lightning_tlbptt.partitioning import Partition, PartitionError, find_network, observe
 from lightning_tlbptt.strategy import TruncatedLocalBPTT
 
@@ -63,6 +64,7 @@ __all__ = [
     "LocalClassifier",
     "MemoryMonitor",
     "OpCounterMonitor",
+    "OutputWindow",
     "PaperClassifier",
     "PaperNeuron",
     "Partition",

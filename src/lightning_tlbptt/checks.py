@@ -167,8 +167,9 @@ class SilenceCheck:
             why = (
                 "It has not fired since training started: at initialization its inputs hold its membrane below the "
                 "surrogate window, where no gradient passes, and a lower learning rate will not revive it. Start it "
-                "inside the window: raise the bias of your output layer (e.g. so that its mean input holds the "
-                "membrane at threshold on one batch, docs/results.md) or lower its threshold."
+                "inside the window: Trainer(callbacks=[lightning_tlbptt.OutputWindow()]) sets your output layer's "
+                "bias so that its mean input holds the membrane at threshold and keeps it there (docs/strategy.md); "
+                "or lower its threshold."
             )
         elif never:
             why = (
@@ -184,9 +185,15 @@ class SilenceCheck:
             )
         else:
             per_batch = "" if self.k is None else f", and every batch takes T/k optimizer steps (k={self.k})"
+            window = (
+                " Trainer(callbacks=[lightning_tlbptt.OutputWindow()]) moves an output that stayed silent for a "
+                "whole batch back into its window."
+                if key == NETWORK_OUTPUT
+                else ""
+            )
             why = (
                 f"It fired before, so the updates pushed it out: the learning rate is usually too high{per_batch}; "
-                "lower it."
+                f"lower it.{window}"
             )
         rank_zero_warn(
             f"{who} has not spiked for {steps} optimizer steps in a row (global step {global_step}), so it passes "

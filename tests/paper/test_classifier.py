@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tlbptt import TruncatedLocalBPTT
 from lightning_tlbptt.classifiers import threshold_input
+from lightning_tlbptt.output_window import output_layer
 from lightning_tlbptt.paper import DATASETS, MODELS, PaperClassifier, paper_setting
-from lightning_tlbptt.paper.classifier import output_layer
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -17,7 +17,8 @@ values:
   setting; at PyTorch's default init that decided which seeds ended 5-9 points low, and balancing removed it. It is
   kept there while the network learns: an output neuron that spiked on no sample of a whole training batch has its
   bias moved back by the same rule, on that batch's mean, when the next batch starts (the strategy's readouts' rule,
-  :class:`~lightning_tlbptt.classifiers.SequenceMeasure`); the outputs that fired are left alone. Balanced once, one
+  applied by the callback :class:`~lightning_tlbptt.output_window.OutputWindow`, which the module configures itself);
+  the outputs that fired are left alone. Balanced once, one
   seed in six of the truncated settings lost a digit this way and ended about 9 points low (``docs/results.md``).
 * **the learning rate scaled to the batch** (``paper_setting(dataset, batch_size=..., scale_lr=True)``): Table 1's
   learning rate is for Table 1's batch; a smaller batch at the same rate takes larger steps per sample, so the rate
@@ -29,20 +30,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from spikingjelly.activation_based import functional, neuron
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from lightning_tlbptt.classifiers import SequenceMeasure, balance_bias
+from lightning_tlbptt.classifiers import balance_bias
 from lightning_tlbptt.module import SpikingClassifier
+from lightning_tlbptt.output_window import OutputWindow, output_layer
 from lightning_tlbptt.paper.models import build_model
 from lightning_tlbptt.paper.neuron import PaperNeuron
 from lightning_tlbptt.paper.settings import dataset_spec
 
-__all__ = ["PaperClassifier", "output_layer", "paper_setting"]
-
-_MEASURE_KEY = "output_layer_measure"
+__all__ = ["PaperClassifier", "paper_setting"]
 
 
 class PaperClassifier(SpikingClassifier):
@@ -115,62 +115,18 @@ class PaperClassifier(SpikingClassifier):
         }
         self.save_hyperparameters({**own, **self.hparams, "loss": options.get("loss", "mse")})
         self.register_buffer("output_balanced", torch.tensor(False))
-        self._measure = SequenceMeasure()  # the output layer over the last training batch
-        self._watching: list[RemovableHandle] = []
-        self._stepping = False  # inside training_step: what the optimizer learns from, not a probe of the network
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The output layer kept inside its window after its balance (``balance_output``; :class:`OutputWindow`)."""
+        if not self.hparams.balance_output or output_layer(self.net) is None:
+            return []
+        return [OutputWindow(balance=False)]  # started here, from the first batch in evaluation mode
 
     def on_train_start(self) -> None:
-        """Balance the output layer's bias from the first training batch, once, and watch it (``balance_output``)."""
+        """Balance the output layer's bias from the first training batch, once (``balance_output``)."""
         output = output_layer(self.net) if self.hparams.balance_output else None
-        if output is None:
-            return
-        if not bool(self.output_balanced):
+        if output is not None and not bool(self.output_balanced):
             self._balance(*output)
-        self._watch(*output)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Move the output neurons that spiked on no sample of the last batch back to their threshold."""
-        if self._watching and self._measure:
-            self._measure.shift(*output_layer(self.net), silent_only=True)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        self._stepping = True
-        try:
-            return super().training_step(batch, batch_idx)
-        finally:
-            self._stepping = False
-
-    def on_train_end(self) -> None:
-        self._unwatch()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The last training batch's measure, so a fit resumed before the next batch moves the same outputs; beside
-        the ``state_dict``, which stays the network's tensors alone."""
-        checkpoint[_MEASURE_KEY] = self._measure.state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._measure.load(checkpoint.get(_MEASURE_KEY))
-
-    def _watch(self, linear: nn.Linear, node: neuron.BaseNode) -> None:
-        self._unwatch()
-
-        def measuring() -> bool:  # not the strategy's probes of the network, which run it outside the step
-            return self._stepping and torch.is_grad_enabled()
-
-        def current(_m: nn.Module, _a: Any, out: Tensor) -> None:
-            if measuring():
-                self._measure.add_current(out)
-
-        def spikes(_m: nn.Module, _a: Any, out: Tensor) -> None:
-            if measuring():
-                self._measure.add_spikes(out)
-
-        self._watching = [linear.register_forward_hook(current), node.register_forward_hook(spikes)]
-
-    def _unwatch(self) -> None:
-        for handle in self._watching:
-            handle.remove()
-        self._watching = []
 
     def _balance(self, linear: nn.Linear, node: neuron.BaseNode) -> None:
         currents: list[Tensor] = []
@@ -237,24 +193,6 @@ class PaperClassifier(SpikingClassifier):
                 f"{where}: {type(datamodule).__name__} yields [B, T={datamodule.n_steps}, ...] event frames; "
                 f"leave the model's T unset (it is {self.T}), or set the data's n_steps to change T."
             )
-
-
-def output_layer(net: nn.Module) -> tuple[nn.Linear, neuron.BaseNode] | None:
-    """The network's output FC and the neuron that spikes on it, or ``None`` when the output is not spikes.
-
-    The output FC is the last ``nn.Linear`` in module order; its neuron is the first neuron after it, with no other
-    weighted layer between (else the FC is not the output layer).
-    """
-    modules = list(net.modules())
-    last = max((i for i, m in enumerate(modules) if isinstance(m, nn.Linear)), default=None)
-    if last is None:
-        return None
-    for m in modules[last + 1 :]:
-        if isinstance(m, neuron.BaseNode):
-            return modules[last], m
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return None
-    return None
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:
