@@ -1,7 +1,7 @@
 """A real 2-process DDP run (gloo, CPU) of TruncatedLocalBPTT, or its 1-process reference on the same global batches.
 
-Usage: ``python tests/ddp_run.py OUT_DIR ddp|single|ragged[_batch]`` (``ragged``: rank r's sequences have
-T = 4 + 2r; ``_batch``: ``step_every="batch"``).
+Usage: ``python tests/ddp_run.py OUT_DIR ddp|single|ragged[_batch|_window]`` (``ragged``: rank r's sequences have
+T = 4 + 2r; ``_batch``: ``step_every="batch"``; ``_window``: an output neuron dead at init, and ``OutputWindow``).
 Writes ``OUT_DIR/<mode>_rank<r>.pt``: the gradients
 right before every optimizer step. Run as a script so that Lightning's launcher can start rank 1 the
 way it does for users (by re-running the script).
@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_tlbptt import SpikingClassifier, TruncatedLocalBPTT, TruncatedLocalBPTTDDP, slicing
+from lightning_tlbptt import OutputWindow, SpikingClassifier, TruncatedLocalBPTT, TruncatedLocalBPTTDDP, slicing
 
 from snn_fixtures import GradRecorder, conv_net
 
@@ -57,7 +57,7 @@ def main(out: Path, mode: str) -> None:
     slicing.find_runs = lambda *args, **kwargs: find_runs(*args, **{**kwargs, "coarsen": False})
     trainer = L.Trainer(
         strategy=(TruncatedLocalBPTTDDP if devices > 1 else TruncatedLocalBPTT)(
-            k=2, n=1, slice_bytes=1, step_every=per or "chunk"
+            k=2, n=1, slice_bytes=1, step_every="batch" if per == "batch" else "chunk"
         ),
         accelerator="cpu",
         devices=devices,
@@ -66,9 +66,14 @@ def main(out: Path, mode: str) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[recorder],
+        callbacks=[recorder, OutputWindow()] if per == "window" else [recorder],
     )
-    trainer.fit(SpikingClassifier(conv_net(), lr=0.1, lr_step_epochs=0), loader)
+    net = conv_net()
+    if per == "window":  # output neuron 2 silent for every input: the window starts it from the global batch's mean
+        with torch.no_grad():
+            net[-2].weight[2] = -100.0
+            net[-2].bias[2] = -100.0
+    trainer.fit(SpikingClassifier(net, lr=0.1, lr_step_epochs=0), loader)
     torch.save(recorder.steps, out / f"{mode}{'_' + per if per else ''}_rank{trainer.global_rank}.pt")
 
 

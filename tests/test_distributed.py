@@ -35,9 +35,11 @@ def _run(out: Path, mode: str, expect_ok: bool = True) -> subprocess.CompletedPr
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("step_every", "steps"), [("chunk", 4), ("batch", 2)])  # 2 batches x 2 chunks, or 2
-def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path, step_every, steps):
-    tail = "" if step_every == "chunk" else "_batch"
+@pytest.mark.parametrize(("variant", "steps"), [("chunk", 4), ("batch", 2), ("window", 4)])  # 2 batches x 2 chunks
+def test_two_process_ddp_matches_single_process_on_the_global_batch(tmp_path, variant, steps):
+    """``batch``: step_every="batch"; ``window``: OutputWindow starts a dead output neuron from the global batch (its
+    bias and every gradient after it as the single process's, and the same on both ranks)."""
+    tail = "" if variant == "chunk" else f"_{variant}"
     _run(tmp_path, "ddp" + tail)
     _run(tmp_path, "single" + tail)
     rank0 = torch.load(tmp_path / f"ddp{tail}_rank0.pt")
