@@ -148,9 +148,7 @@ def train_one(job: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]
     cfg = SETTINGS[name]
     strategy: str | TruncatedLocalBPTT = "auto"
     if cfg is not None:
-        strategy = TruncatedLocalBPTT(
-            k=cfg[0], n=cfg[1], classifier=cfg[2], loss=setting["loss"], step_every=cfg[3]
-        )
+        strategy = TruncatedLocalBPTT(k=cfg[0], n=cfg[1], classifier=cfg[2], loss=setting["loss"], step_every=cfg[3])
     limits = {"limit_train_batches": job["limit_train_batches"]} if job.get("limit_train_batches") else {}
     result = fit_and_measure(
         LABELS[name], model, data, strategy=strategy, accelerator="cpu", max_epochs=epochs, callbacks=[Curve()],
