@@ -18,8 +18,8 @@ values:
   kept there while the network learns: an output neuron that spiked on no sample of a whole training batch has its
   bias moved back by the same rule, on that batch's mean, when the next batch starts (the strategy's readouts' rule,
   applied by the callback :class:`~lightning_tlbptt.output_window.OutputWindow`, which the module configures itself);
-  the outputs that fired are left alone. Balanced once, one
-  seed in six of the truncated settings lost a digit this way and ended about 9 points low (``docs/results.md``).
+  the outputs that fired are left alone. Balanced once, one seed in six of the truncated settings lost a digit this
+  way and ended about 9 points low (``docs/results.md``, the fourth and fifth MNIST-5k runs).
 * **the learning rate scaled to the batch** (``paper_setting(dataset, batch_size=..., scale_lr=True)``): Table 1's
   learning rate is for Table 1's batch; a smaller batch at the same rate takes larger steps per sample, so the rate
   is scaled linearly, ``lr = lr_paper * batch / batch_paper``.
