@@ -119,11 +119,17 @@ def test_a_module_without_a_spiking_output_layer_or_a_wrong_name_is_named() -> N
 
     with pytest.raises(ValueError, match=r"found no spiking output layer in Logits.*OutputWindow\(layer='net.fc'\)"):
         OutputWindow().on_fit_start(None, Logits())
+    with pytest.raises(ValueError, match=r"layer='fc'\): no spiking neuron follows it in Logits"):
+        OutputWindow(layer="fc").on_fit_start(None, Logits())
     module = dead_output_module()
     with pytest.raises(ValueError, match=r"layer='net.nope'.*no such submodule"):
         OutputWindow(layer="net.nope").on_fit_start(None, module)
     with pytest.raises(ValueError, match=r"layer='net.0'\) is a Conv2d, not an nn.Linear"):
         OutputWindow(layer="net.0").on_fit_start(None, module)
+    no_bias = dead_output_module()
+    no_bias.net[-2].bias = None
+    with pytest.raises(ValueError, match=r"bias=False\) has no bias to balance: build it with bias=True"):
+        OutputWindow().on_fit_start(None, no_bias)
     window = OutputWindow(layer="net.8")  # the output Linear, named
     window.on_fit_start(None, module)
     assert window._output == output_layer(module)

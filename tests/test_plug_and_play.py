@@ -33,7 +33,8 @@ from spikingjelly.activation_based.model import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tlbptt import TruncatedLocalBPTT, neurons
+from lightning_tlbptt import OutputWindow, TruncatedLocalBPTT, neurons
+from lightning_tlbptt.output_window import output_layer
 
 MEMOPT_EXAMPLE = Path(spikingjelly.__file__).parent / "activation_based" / "examples" / "memopt"
 
@@ -302,3 +303,23 @@ def test_kernel_leaves_the_gradient_sew_resnet_shares_with_its_shortcut_alone(ma
 @pytest.mark.usefixtures("finest_slices")
 def test_whole_model_zoo(name: str, make_trainer) -> None:
     _check_zoo_model(name, SLOW_ZOO[name], make_trainer)
+
+
+@pytest.mark.parametrize("name", ["MNISTNet", "NMNISTNet"])
+def test_output_window_on_zoo_spiking_outputs_keeps_k_equal_T_equal_to_lightning(name: str, make_trainer) -> None:
+    """The zoo's parametric-LIF nets end in Linear -> ParametricLIFNode -> VotingLayer: OutputWindow finds that layer
+    by itself, starts it from the first batch, and plain Lightning and the strategy at k = T, one block, still end
+    with the same weights (the callback sees the same training forwards under both)."""
+    factory, shape, static = ZOO[name]
+    torch.manual_seed(0)
+    net = factory()
+    reference, ours = ZooModule(copy.deepcopy(net), static), ZooModule(copy.deepcopy(net), static)
+    _fit(make_trainer(max_steps=2, callbacks=[OutputWindow()]), reference, _zoo_batches(shape, static))
+    window = OutputWindow()
+    _fit(make_trainer(max_steps=2, strategy=TruncatedLocalBPTT(k=2, n=None), callbacks=[window]), ours,
+         _zoo_batches(shape, static))  # fmt: skip
+    assert window._output[0].out_features == 100  # the 100-wide head the VotingLayer pools to 10
+    assert window.started  # started on the first batch and re-centred when the second began
+    untouched = ZooModule(copy.deepcopy(net), static)
+    assert not torch.allclose(output_layer(untouched)[0].bias, output_layer(ours)[0].bias)  # the window moved it
+    _assert_same_weights(ours, reference, atol=1e-5)

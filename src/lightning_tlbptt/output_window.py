@@ -36,21 +36,22 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_tlbptt.classifiers import SequenceMeasure, _shift_bias, threshold_input
+from lightning_tlbptt.classifiers import SequenceMeasure, _bias_width, _shift_bias, threshold_input
 
 __all__ = ["OutputWindow", "output_layer"]
 
 
-def output_layer(net: nn.Module) -> tuple[nn.Linear, neuron.BaseNode] | None:
+def output_layer(net: nn.Module, linear: nn.Linear | None = None) -> tuple[nn.Linear, neuron.BaseNode] | None:
     """The network's output FC and the neuron that spikes on it, or ``None`` when the output is not spikes.
 
-    The output FC is the last ``nn.Linear`` in module order; its neuron is the first neuron after it, with no other
-    weighted layer between (else the FC is not the output layer).
+    The output FC is ``linear``, by default the last ``nn.Linear`` in module order; its neuron is the first neuron
+    after it, with no other weighted layer between (else the FC is not the output layer).
     """
     modules = list(net.modules())
-    last = max((i for i, m in enumerate(modules) if isinstance(m, nn.Linear)), default=None)
-    if last is None:
+    linears = [i for i, m in enumerate(modules) if isinstance(m, nn.Linear) and (linear is None or m is linear)]
+    if not linears:
         return None
+    last = linears[-1]
     for m in modules[last + 1 :]:
         if isinstance(m, neuron.BaseNode):
             return modules[last], m
@@ -73,7 +74,6 @@ class OutputWindow(Callback):
 
     def __init__(self, layer: str | None = None, balance: bool = True) -> None:
         self.layer = layer
-        self.balance = balance
         self.started = not balance  # step 1 done (or not asked for)
         self._measure = SequenceMeasure()  # the batch running, or the last one until the next starts
         self._output: tuple[nn.Linear, nn.Module] | None = None
@@ -87,7 +87,8 @@ class OutputWindow(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         linear, node = self._output = self._find(pl_module)
-        threshold_input(node)  # names a neuron whose dynamics the rule does not know, before any batch
+        _bias_width(linear)  # a layer without bias, or a neuron whose dynamics the rule does not know: named now
+        threshold_input(node)
         self._remove()
         self._handles = [linear.register_forward_hook(self._current), node.register_forward_hook(self._spikes)]
 
@@ -119,12 +120,12 @@ class OutputWindow(Callback):
     def _current(self, linear: nn.Module, _args: Any, current: Tensor) -> Tensor | None:
         if not (linear.training and torch.is_grad_enabled()):
             return None
-        if not self.started and not self._measure:
-            # the first training forward: fire from it on (re-centred on the whole batch when the next starts)
+        first = not self.started and not self._measure
+        if first:  # fire from the first training forward on (re-centred on the whole batch when the next starts)
             flat = current.detach().reshape(-1, current.shape[-1])
             current = current + _shift_bias(linear, self._output[1], flat.sum(0), flat.shape[0])
         self._measure.add_current(current)
-        return current
+        return current if first else None
 
     def _spikes(self, node: nn.Module, _args: Any, spikes: Tensor) -> None:
         if node.training and torch.is_grad_enabled() and self._measure:
@@ -144,22 +145,18 @@ class OutputWindow(Callback):
             linear = pl_module.get_submodule(self.layer)
         except AttributeError as err:
             raise ValueError(f"OutputWindow(layer={self.layer!r}): {where} has no such submodule ({err})") from err
-        if not isinstance(linear, nn.Linear) or linear.bias is None:
+        if not isinstance(linear, nn.Linear):
             raise ValueError(
-                f"OutputWindow(layer={self.layer!r}) is a {type(linear).__name__}"
-                + ("" if isinstance(linear, nn.Linear) else ", not an nn.Linear")
-                + (" without a bias" if isinstance(linear, nn.Linear) else "")
-                + ": name the output nn.Linear (with bias=True) that feeds the output neurons."
+                f"OutputWindow(layer={self.layer!r}) is a {type(linear).__name__}, not an nn.Linear: name the output "
+                "nn.Linear that feeds the output neurons."
             )
-        modules = list(pl_module.modules())
-        after = modules[next(i for i, m in enumerate(modules) if m is linear) + 1 :]
-        node = next((m for m in after if isinstance(m, neuron.BaseNode)), None)
-        if node is None:
+        found = output_layer(pl_module, linear)
+        if found is None:
             raise ValueError(
-                f"OutputWindow(layer={self.layer!r}): no spiking neuron follows it in {where}; the window is for a "
-                "layer whose outputs spike."
+                f"OutputWindow(layer={self.layer!r}): no spiking neuron follows it in {where} before a conv layer; "
+                "the window is for a layer whose outputs spike."
             )
-        return linear, node
+        return found
 
     def _remove(self) -> None:
         for handle in self._handles:
